@@ -1,0 +1,119 @@
+"""The training step and evaluation: one vmapped forward/backward for all N members.
+
+``population_grads`` is the pure core: ``(params, buffers, batch) -> (grads, losses)`` as one
+``vmap(grad_and_value(loss))`` call. ``TrainStep`` binds it to a population and an optimizer
+(optionally under ``torch.compile``); ``evaluate`` computes per-member loss and accuracy over a
+whole dataset in bounded chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, grad_and_value, vmap
+
+from popvec.population import Population, check_batch
+
+__all__ = ["LossFn", "make_grad_fn", "TrainStep", "evaluate", "batch_accuracy"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def make_grad_fn(population: Population, loss_fn: LossFn, per_member: bool) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
+    """``grad_fn(trainable, frozen, buffers, x, y) -> (grads, losses)`` for the whole stack.
+
+    ``trainable``/``frozen``/``buffers`` map names to ``[N, ...]``; ``x`` is ``[B, ...]`` shared or
+    ``[N, B, ...]`` per member (likewise ``y``); ``grads`` maps trainable names to ``[N, ...]`` and
+    ``losses`` is ``[N]``. BatchNorm buffers are updated in place in train mode; dropout masks are
+    independent per member.
+    """
+    skeleton = population.skeleton
+
+    def member_loss(trainable: dict[str, Tensor], frozen: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        out = functional_call(skeleton, ({**trainable, **frozen}, buffers), (x,))
+        return loss_fn(out, y)
+
+    data_dim = 0 if per_member else None
+    return vmap(grad_and_value(member_loss), in_dims=(0, 0, 0, data_dim, data_dim), randomness="different")
+
+
+class TrainStep:
+    """One training step of a population: vmapped forward/backward, then one optimizer update.
+
+    ``compile=True`` runs the gradient computation under ``torch.compile`` (expect one compilation
+    per distinct population size and batch shape).
+    """
+
+    def __init__(self, population: Population, optimizer: Any, loss_fn: LossFn = F.cross_entropy, compile: bool = False) -> None:
+        self.population = population
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.compile = compile
+        self._grad_fns: dict[bool, Callable[..., Any]] = {}
+        self.last_grad_norm: Tensor | None = None
+
+    def _grad_fn(self, per_member: bool) -> Callable[..., Any]:
+        if per_member not in self._grad_fns:
+            fn = make_grad_fn(self.population, self.loss_fn, per_member)
+            self._grad_fns[per_member] = torch.compile(fn) if self.compile else fn
+        return self._grad_fns[per_member]
+
+    def __call__(self, x: Tensor, y: Tensor, per_member: bool = False) -> Tensor:
+        """Train every member on its batch once; returns the per-member losses ``[N]`` (detached)."""
+        pop = self.population
+        check_batch(x, pop.n, per_member, "x")
+        check_batch(y, pop.n, per_member, "y")
+        trainable = {k: pop.params[k] for k in pop.trainable}
+        frozen = {k: v for k, v in pop.params.items() if k not in trainable}
+        pop.train()
+        grads, losses = self._grad_fn(per_member)(trainable, frozen, pop.buffers, x, y)
+        self.last_grad_norm = self.optimizer.step(grads)
+        return losses.detach()
+
+
+def batch_accuracy(outputs: Tensor, y: Tensor) -> Tensor:
+    """Number of correct argmax predictions per member: outputs ``[N, B, C]``, y ``[B]`` or ``[N, B]``."""
+    return (outputs.argmax(dim=-1) == y).sum(dim=-1)
+
+
+@torch.no_grad()
+def evaluate(
+    population: Population,
+    data: Iterable[tuple[Tensor, Tensor]] | tuple[Tensor, Tensor] | Any,
+    loss_fn: LossFn = F.cross_entropy,
+    batch_size: int = 1024,
+    member_chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    """Per-member mean loss and accuracy over all of ``data``: ``{"loss": [N], "accuracy": [N]}``.
+
+    ``data`` is an ``(x, y)`` pair of tensors (split into chunks of ``batch_size`` samples), a
+    ``TensorSplit``, or any iterable of shared ``(x, y)`` batches such as a ``DataLoader``.
+    ``member_chunk_size`` bounds how many members run at once. Runs in eval mode and restores the
+    population's mode afterwards. ``loss_fn`` must return the mean over a batch.
+    """
+    from popvec.data import iterate_batches
+
+    was_training = population.training
+    population.eval()
+    device = population.device
+    total_loss = torch.zeros(population.n, dtype=torch.float64, device=device)
+    correct = torch.zeros(population.n, dtype=torch.float64, device=device)
+    count = 0
+    try:
+        for x, y in iterate_batches(data, batch_size):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            outputs = population.forward(x, chunk_size=member_chunk_size)
+            losses = vmap(loss_fn, in_dims=(0, None))(outputs, y)
+            total_loss += losses.double() * y.shape[0]
+            if outputs.dim() == 3 and not y.is_floating_point():
+                correct += batch_accuracy(outputs, y).double()
+            count += y.shape[0]
+    finally:
+        population.train(was_training)
+    if count == 0:
+        raise ValueError("data must hold at least one sample")
+    return {"loss": (total_loss / count).float(), "accuracy": (correct / count).float()}

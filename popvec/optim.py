@@ -1,0 +1,487 @@
+"""Vectorized optimizers over a population's stacked parameters.
+
+Every hyperparameter is a float (shared) or one value per member (a length-N sequence or tensor),
+stored as an ``[N]`` tensor in ``optimizer.hparams`` and broadcast as ``[N, 1, ...]``. State tensors
+are stacked ``[N, ...]`` like the parameters, so ``select`` slices them with the same indices.
+Each update is a handful of whole-stack tensor ops per parameter tensor: there is no loop over
+members. The math matches ``torch.optim`` (SGD, Adam, AdamW) member by member.
+
+``from_torch`` adapts an element-wise ``torch.optim`` factory instead: the stacked leaves are then
+the optimizer's parameters, which is exact for optimizers whose update never mixes entries of a
+tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from popvec.lr_schedules import Schedule
+from popvec.population import IndexLike, Population, as_index
+
+__all__ = [
+    "PopulationOptimizer",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "TorchOptimizer",
+    "from_torch",
+    "ELEMENTWISE_TORCH_OPTIMIZERS",
+    "clip_grad_norm",
+    "grad_norm",
+    "build",
+]
+
+HParam = float | Sequence[float] | Tensor
+
+
+def as_member_values(name: str, value: HParam, n: int, device: torch.device) -> Tensor:
+    """A float, a length-``n`` sequence or a tensor as an ``[n]`` float32 tensor on ``device``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number or one number per member, got a bool")
+    values = torch.as_tensor(value, dtype=torch.float32).detach()
+    if values.dim() == 0:
+        values = values.expand(n)
+    if values.shape != (n,):
+        raise ValueError(f"{name} must be a float or have one value per member (length {n}), got shape {tuple(values.shape)}")
+    return values.to(device).clone()
+
+
+def _bcast(values: Tensor, like: Tensor) -> Tensor:
+    """View ``[N]`` values as ``[N, 1, ..., 1]`` to broadcast against ``like`` (``[N, ...]``)."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def grad_norm(grads: Iterable[Tensor]) -> Tensor:
+    """Per-member L2 norm over all of a member's gradients: ``[N]``."""
+    per_tensor = [torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(per_tensor), dim=0)
+
+
+def clip_grad_norm(grads: Sequence[Tensor], max_norm: Tensor) -> Tensor:
+    """Scale each member's gradients in place so its total norm is at most ``max_norm[i]``.
+
+    Same rule as ``torch.nn.utils.clip_grad_norm_`` applied to each member alone (each member's norm
+    covers only its own parameters). Returns the norms before clipping, ``[N]``.
+    """
+    norms = grad_norm(grads)
+    coef = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(_bcast(coef, g))
+    return norms
+
+
+def _check_range(name: str, values: Tensor, low: float, high: float | None = None, low_open: bool = False) -> None:
+    bad = (values <= low) if low_open else (values < low)
+    if high is not None:
+        bad = bad | (values >= high)
+    if bool(bad.any()):
+        allowed = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{')' }"
+        raise ValueError(f"{name} must lie in {allowed}, got {values.tolist()}")
+
+
+class PopulationOptimizer:
+    """Base of the vectorized optimizers: hyperparameters ``[N]``, stacked state, selection.
+
+    An update is split in two, as in optax: a *direction* (the optimizer's rule at learning rate 1)
+    and its application ``p += lr[i] * direction`` with each member's own (scheduled) learning rate.
+    When the rule's other hyperparameters are shared by all members, the direction comes from
+    PyTorch's fused multi-tensor kernel (one pass over memory); otherwise from the general
+    per-member formula. Subclasses declare ``state_names`` and implement both.
+    """
+
+    state_names: tuple[str, ...] = ()
+    #: hyperparameters the fused kernel needs shared by all members
+    shared_for_fused: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        population: Population,
+        hparams: dict[str, HParam],
+        max_grad_norm: HParam | None = None,
+        schedule: Schedule | None = None,
+    ) -> None:
+        self.population = population
+        n, device = population.n, population.device
+        self.hparams: dict[str, Tensor] = {k: as_member_values(k, v, n, device) for k, v in hparams.items()}
+        if max_grad_norm is not None:
+            self.hparams["max_grad_norm"] = as_member_values("max_grad_norm", max_grad_norm, n, device)
+            _check_range("max_grad_norm", self.hparams["max_grad_norm"], 0.0, low_open=True)
+        _check_range("lr", self.hparams["lr"], 0.0)
+        self.schedule = schedule.to(device) if schedule is not None else None
+        self.steps = torch.zeros(n, dtype=torch.float32, device=device)
+        # The shared step count, known on the host while every member has taken the same number of
+        # steps (always, unless a loaded state says otherwise); lets the fused path run sync-free.
+        self._shared_step: int | None = 0
+        self.state: dict[str, dict[str, Tensor]] = {
+            s: {k: torch.zeros_like(population.params[k]) for k in population.trainable} for s in self.state_names
+        }
+        self.use_fused = _fused_supported(device)
+        self.hparams_changed()
+
+    @property
+    def n(self) -> int:
+        return int(self.steps.shape[0])
+
+    def hparams_changed(self) -> None:
+        """Recompute host-side facts about ``hparams``; call after editing them in place."""
+        self._shared = {k: float(self.hparams[k][0]) for k in self.shared_for_fused if bool((self.hparams[k] == self.hparams[k][0]).all())}
+        self._any_weight_decay = bool((self.hparams.get("weight_decay", torch.zeros(1)) != 0).any())
+
+    def current_lr(self) -> Tensor:
+        """The learning rate each member uses at its next update: ``[N]``."""
+        lr = self.hparams["lr"]
+        return lr * self.schedule(self.steps) if self.schedule is not None else lr
+
+    @torch.no_grad()
+    def step(self, grads: dict[str, Tensor]) -> Tensor | None:
+        """Apply one update to the population's parameters in place; returns grad norms if clipping."""
+        names = self.population.trainable
+        params = [self.population.params[k] for k in names]
+        grad_list = [grads[k] for k in names]
+        norms = None
+        if "max_grad_norm" in self.hparams:
+            grad_list = [g.clone() for g in grad_list]
+            norms = clip_grad_norm(grad_list, self.hparams["max_grad_norm"])
+        lr = self.current_lr()
+        states = {s: [self.state[s][k] for k in names] for s in self.state_names}
+        self.steps += 1
+        if self._shared_step is not None:
+            self._shared_step += 1
+        fused = self.use_fused and self._shared_step is not None and len(self._shared) == len(self.shared_for_fused)
+        if fused:
+            directions = [torch.zeros_like(p) for p in params]
+            self._fused_direction(directions, grad_list, params, states)
+            self._apply(params, directions, lr)
+        else:
+            self._update(params, grad_list, states, lr)
+        return norms
+
+    def _apply(self, params: list[Tensor], directions: list[Tensor], lr: Tensor) -> None:
+        for p, d in zip(params, directions):
+            p.addcmul_(d, _bcast(lr, p))
+
+    def _fused_direction(self, out: list[Tensor], grads: list[Tensor], params: list[Tensor], states: dict[str, list[Tensor]]) -> None:
+        raise NotImplementedError
+
+    def _update(self, params: list[Tensor], grads: list[Tensor], states: dict[str, list[Tensor]], lr: Tensor) -> None:
+        raise NotImplementedError
+
+    def _l2_grads(self, grads: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+        if not self._any_weight_decay:
+            return grads
+        return [torch.addcmul(g, p, _bcast(self.hparams["weight_decay"], p)) for g, p in zip(grads, params)]
+
+    def select(self, indices: IndexLike) -> PopulationOptimizer:
+        """Keep, reorder or copy members' state and hyperparameters, like ``Population.select``."""
+        index = as_index(indices, self.n, self.steps.device)
+        self.hparams = {k: v.index_select(0, index) for k, v in self.hparams.items()}
+        self.state = {s: {k: v.index_select(0, index) for k, v in d.items()} for s, d in self.state.items()}
+        self.steps = self.steps.index_select(0, index)
+        if self.schedule is not None:
+            self.schedule = self.schedule.select(index)
+        self.hparams_changed()
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"hparams": dict(self.hparams), "state": {s: dict(d) for s, d in self.state.items()}, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> PopulationOptimizer:
+        device = self.steps.device
+        self.hparams = {k: v.to(device) for k, v in state["hparams"].items()}
+        self.state = {s: {k: v.to(device) for k, v in d.items()} for s, d in state["state"].items()}
+        self.steps = state["steps"].to(device)
+        self._shared_step = int(self.steps[0]) if bool((self.steps == self.steps[0]).all()) else None
+        self.hparams_changed()
+        return self
+
+
+def _fused_supported(device: torch.device) -> bool:
+    return device.type in ("cpu", "cuda") and hasattr(torch, "_fused_adam_") and hasattr(torch, "_fused_sgd_")
+
+
+class SGD(PopulationOptimizer):
+    """SGD with momentum, dampening, Nesterov and L2 weight decay (``torch.optim.SGD``'s rule)."""
+
+    state_names = ("momentum_buffer",)
+    shared_for_fused = ("momentum", "dampening")
+
+    def __init__(
+        self,
+        population: Population,
+        lr: HParam = 1e-3,
+        momentum: HParam = 0.0,
+        dampening: HParam = 0.0,
+        nesterov: bool = False,
+        weight_decay: HParam = 0.0,
+        max_grad_norm: HParam | None = None,
+        schedule: Schedule | None = None,
+    ) -> None:
+        self.nesterov = nesterov
+        super().__init__(
+            population,
+            {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay},
+            max_grad_norm,
+            schedule,
+        )
+        _check_range("momentum", self.hparams["momentum"], 0.0)
+        _check_range("weight_decay", self.hparams["weight_decay"], 0.0)
+        if nesterov and bool(((self.hparams["momentum"] <= 0) | (self.hparams["dampening"] != 0)).any()):
+            raise ValueError("nesterov=True requires momentum > 0 and dampening == 0 for every member")
+
+    def _fused_direction(self, out, grads, params, states):  # noqa: D102 - see class docstring
+        momentum = self._shared["momentum"]
+        torch._fused_sgd_(
+            out,
+            self._l2_grads(grads, params),
+            states["momentum_buffer"] if momentum != 0 else [],
+            weight_decay=0.0,
+            momentum=momentum,
+            lr=1.0,
+            dampening=self._shared["dampening"],
+            nesterov=self.nesterov,
+            maximize=False,
+            is_first_step=self._shared_step == 1,
+        )
+
+    def _update(self, params, grads, states, lr):  # noqa: D102 - see class docstring
+        hp = self.hparams
+        first = self.steps == 1
+        # torch.optim.SGD ignores dampening when momentum is 0 (it keeps no buffer at all).
+        dampening = torch.where(hp["momentum"] == 0, torch.zeros_like(hp["dampening"]), hp["dampening"])
+        for p, g, buf in zip(params, self._l2_grads(grads, params), states["momentum_buffer"]):
+            # First step: buffer = d_p (no dampening); later: momentum * buffer + (1 - dampening) * d_p.
+            new_buf = _bcast(hp["momentum"], p) * buf + _bcast(1 - dampening, p) * g
+            buf.copy_(torch.where(_bcast(first, p), g, new_buf))
+            d_p = g + _bcast(hp["momentum"], p) * buf if self.nesterov else buf
+            p.sub_(_bcast(lr, p) * d_p)
+
+
+class Adam(PopulationOptimizer):
+    """Adam (Kingma & Ba 2015) with L2 ``weight_decay`` added to the gradient (``torch.optim.Adam``)."""
+
+    state_names = ("exp_avg", "exp_avg_sq")
+    shared_for_fused = ("beta1", "beta2", "eps")
+    decoupled_weight_decay = False
+
+    def __init__(
+        self,
+        population: Population,
+        lr: HParam = 1e-3,
+        betas: tuple[HParam, HParam] = (0.9, 0.999),
+        eps: HParam = 1e-8,
+        weight_decay: HParam = 0.0,
+        max_grad_norm: HParam | None = None,
+        schedule: Schedule | None = None,
+    ) -> None:
+        super().__init__(
+            population,
+            {"lr": lr, "beta1": betas[0], "beta2": betas[1], "eps": eps, "weight_decay": weight_decay},
+            max_grad_norm,
+            schedule,
+        )
+        for name in ("beta1", "beta2"):
+            _check_range(name, self.hparams[name], 0.0, 1.0)
+        _check_range("weight_decay", self.hparams["weight_decay"], 0.0)
+
+    def _fused_direction(self, out, grads, params, states):  # noqa: D102 - see class docstring
+        step = self.steps[:1].reshape(())
+        torch._fused_adam_(
+            out,
+            grads if self.decoupled_weight_decay else self._l2_grads(grads, params),
+            states["exp_avg"],
+            states["exp_avg_sq"],
+            [],
+            [step] * len(out),
+            lr=1.0,
+            beta1=self._shared["beta1"],
+            beta2=self._shared["beta2"],
+            weight_decay=0.0,
+            eps=self._shared["eps"],
+            amsgrad=False,
+            maximize=False,
+        )
+
+    def _apply(self, params, directions, lr):  # noqa: D102 - decoupled decay first, as AdamW does
+        if self.decoupled_weight_decay and self._any_weight_decay:
+            for p in params:
+                p.mul_(1 - _bcast(lr * self.hparams["weight_decay"], p))
+        super()._apply(params, directions, lr)
+
+    def _update(self, params, grads, states, lr):  # noqa: D102 - see class docstring
+        hp = self.hparams
+        beta1, beta2 = hp["beta1"], hp["beta2"]
+        bias_correction1 = 1 - beta1**self.steps
+        bias_correction2_sqrt = torch.sqrt(1 - beta2**self.steps)
+        step_size = lr / bias_correction1
+        if not self.decoupled_weight_decay:
+            grads = self._l2_grads(grads, params)
+        for p, g, m, v in zip(params, grads, states["exp_avg"], states["exp_avg_sq"]):
+            if self.decoupled_weight_decay:
+                p.mul_(1 - _bcast(lr * hp["weight_decay"], p))
+            m.lerp_(g, _bcast(1 - beta1, p))
+            v.mul_(_bcast(beta2, p)).addcmul_(g, g * _bcast(1 - beta2, p))
+            denom = v.sqrt().div_(_bcast(bias_correction2_sqrt, p)).add_(_bcast(hp["eps"], p))
+            p.addcdiv_(m * _bcast(step_size, p), denom, value=-1.0)
+
+
+class AdamW(Adam):
+    """AdamW (Loshchilov & Hutter 2019): decoupled weight decay ``p *= 1 - lr * wd`` (``torch.optim.AdamW``)."""
+
+    decoupled_weight_decay = True
+
+    def __init__(
+        self,
+        population: Population,
+        lr: HParam = 1e-3,
+        betas: tuple[HParam, HParam] = (0.9, 0.999),
+        eps: HParam = 1e-8,
+        weight_decay: HParam = 1e-2,
+        max_grad_norm: HParam | None = None,
+        schedule: Schedule | None = None,
+    ) -> None:
+        super().__init__(population, lr, betas, eps, weight_decay, max_grad_norm, schedule)
+
+
+ELEMENTWISE_TORCH_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+)
+
+
+class TorchOptimizer:
+    """A ``torch.optim`` optimizer whose parameters are the population's stacked leaves.
+
+    Exact per member for element-wise optimizers (each entry's update depends on that entry
+    alone). Learning rates are shared by all members; clipping is still per member.
+    """
+
+    def __init__(
+        self,
+        population: Population,
+        optimizer_fn: Callable[[list[Tensor]], torch.optim.Optimizer],
+        max_grad_norm: HParam | None = None,
+    ) -> None:
+        self.population = population
+        self.optimizer = optimizer_fn([population.params[k] for k in population.trainable])
+        if type(self.optimizer) not in ELEMENTWISE_TORCH_OPTIMIZERS:
+            allowed = ", ".join(c.__name__ for c in ELEMENTWISE_TORCH_OPTIMIZERS)
+            raise TypeError(
+                f"optimizer_fn returned {type(self.optimizer).__name__}, which popvec cannot run on stacked "
+                f"members: its update is not known to be element-wise, so it may mix members that share one "
+                f"stacked tensor (norms, factored statistics). Allowed: {allowed}; or use popvec.optim.SGD/Adam/AdamW."
+            )
+        self.hparams: dict[str, Tensor] = {}
+        if max_grad_norm is not None:
+            self.hparams["max_grad_norm"] = as_member_values("max_grad_norm", max_grad_norm, population.n, population.device)
+
+    @property
+    def n(self) -> int:
+        return self.population.n
+
+    def current_lr(self) -> Tensor:
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        return torch.full((self.n,), lr, device=self.population.device)
+
+    @torch.no_grad()
+    def step(self, grads: dict[str, Tensor]) -> Tensor | None:
+        params = self._params()
+        grad_list = [grads[k] for k in self.population.trainable]
+        norms = None
+        if "max_grad_norm" in self.hparams:
+            grad_list = [g.clone() for g in grad_list]
+            norms = clip_grad_norm(grad_list, self.hparams["max_grad_norm"])
+        for p, g in zip(params, grad_list):
+            p.grad = g
+        self.optimizer.step()
+        for p in params:
+            p.grad = None
+        return norms
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def select(self, indices: IndexLike) -> TorchOptimizer:
+        """Slice the per-parameter state and rebind the optimizer to the population's current stacks.
+
+        Call after ``population.select`` with the same indices.
+        """
+        index: Tensor | None = None
+        new_params = iter(self.population.params[k] for k in self.population.trainable)
+        for group in self.optimizer.param_groups:
+            rebound = []
+            for old in group["params"]:
+                new = next(new_params)
+                state = self.optimizer.state.pop(old, None)
+                if state is not None:
+                    if index is None:
+                        index = as_index(indices, old.shape[0], old.device)
+                    self.optimizer.state[new] = {
+                        k: v.index_select(0, index) if isinstance(v, Tensor) and v.dim() > 0 and v.shape[:1] == old.shape[:1] else v
+                        for k, v in state.items()
+                    }
+                rebound.append(new)
+            group["params"] = rebound
+        if "max_grad_norm" in self.hparams:
+            self.hparams["max_grad_norm"] = self.hparams["max_grad_norm"].index_select(
+                0, as_index(indices, self.hparams["max_grad_norm"].shape[0], self.population.device)
+            )
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"torch": self.optimizer.state_dict(), "hparams": dict(self.hparams)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> TorchOptimizer:
+        self.optimizer.load_state_dict(state["torch"])
+        self.hparams = {k: v.to(self.population.device) for k, v in state["hparams"].items()}
+        return self
+
+
+def from_torch(
+    population: Population,
+    optimizer_fn: Callable[[list[Tensor]], torch.optim.Optimizer],
+    max_grad_norm: HParam | None = None,
+) -> TorchOptimizer:
+    """Adapt ``optimizer_fn`` (e.g. ``lambda params: torch.optim.Adam(params, lr=1e-3)``) to a population."""
+    return TorchOptimizer(population, optimizer_fn, max_grad_norm)
+
+
+def _native_equivalent(population: Population, optimizer: torch.optim.Optimizer) -> PopulationOptimizer | None:
+    """The vectorized popvec optimizer that runs the same rule as ``optimizer``, if there is one."""
+    if len(optimizer.param_groups) != 1:
+        return None
+    group = optimizer.param_groups[0]
+    if group.get("maximize") or group.get("differentiable") or isinstance(group["lr"], Tensor):
+        return None
+    kind = type(optimizer)
+    if kind is torch.optim.SGD:
+        return SGD(population, group["lr"], group["momentum"], group["dampening"], group["nesterov"], group["weight_decay"])
+    if kind in (torch.optim.Adam, torch.optim.AdamW) and not group.get("amsgrad"):
+        decoupled = kind is torch.optim.AdamW or group.get("decoupled_weight_decay", False)
+        cls = AdamW if decoupled else Adam
+        return cls(population, group["lr"], group["betas"], group["eps"], group["weight_decay"])
+    return None
+
+
+def build(population: Population, optimizer_fn: Callable[..., Any]) -> PopulationOptimizer | TorchOptimizer:
+    """Turn a user's optimizer factory into a population optimizer.
+
+    ``optimizer_fn`` is either a popvec optimizer class (or a ``functools.partial`` of one), called
+    with the population, or a ``torch.optim`` factory called with the stacked parameters. A torch
+    SGD/Adam/AdamW becomes the equivalent vectorized popvec optimizer (same rule, faster); other
+    element-wise torch optimizers run through :class:`TorchOptimizer`.
+    """
+    target = getattr(optimizer_fn, "func", optimizer_fn)
+    if isinstance(target, type) and issubclass(target, PopulationOptimizer):
+        return optimizer_fn(population)
+    adapter = TorchOptimizer(population, optimizer_fn)
+    return _native_equivalent(population, adapter.optimizer) or adapter

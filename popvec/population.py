@@ -1,0 +1,277 @@
+"""A population: N members of one architecture, stacked along a leading dimension.
+
+Parameters and buffers live in dicts of ``[N, ...]`` tensors next to a skeleton module on the
+``meta`` device. Every operation on members (train, evaluate, eliminate, copy) is an operation on
+those stacks; :meth:`Population.member` turns one slice back into a plain ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+__all__ = ["Population", "as_index", "member_seeds"]
+
+IndexLike = Tensor | Sequence[int]
+
+
+def member_seeds(seed: int, n: int) -> list[int]:
+    """The seed of each member of ``Population.from_factory(model_fn, n, seed)``: ``seed + i``."""
+    return [seed + i for i in range(n)]
+
+
+def as_index(indices: IndexLike, n: int, device: torch.device | str | None = None) -> Tensor:
+    """Validate ``indices`` (ints in ``[0, n)``, at least one) and return them as an int64 tensor."""
+    index = torch.as_tensor(indices, dtype=torch.long, device="cpu") if not isinstance(indices, Tensor) else indices
+    if index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"indices must be integers, got dtype {index.dtype}")
+    if index.dim() != 1 or index.numel() == 0:
+        raise ValueError(f"indices must be a non-empty 1-D sequence of member positions, got shape {tuple(index.shape)}")
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= n:
+        raise ValueError(f"indices must lie in [0, {n - 1}] for a population of {n} members, got {lo}..{hi}")
+    return index.to(device=device, dtype=torch.long)
+
+
+def _named_tensors(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    return dict(module.named_parameters()), dict(module.named_buffers())
+
+
+def _signature(module: nn.Module) -> list[tuple[str, str, tuple[int, ...], torch.dtype]]:
+    params, buffers = _named_tensors(module)
+    sig = [("param", k, tuple(v.shape), v.dtype) for k, v in params.items()]
+    sig += [("buffer", k, tuple(v.shape), v.dtype) for k, v in buffers.items()]
+    return sig
+
+
+def architecture_mismatch(a: nn.Module, b: nn.Module) -> str | None:
+    """Describe how two modules differ in architecture (class, names, shapes, dtypes), or None."""
+    if type(a) is not type(b):
+        return f"classes differ: {type(a).__name__} vs {type(b).__name__}"
+    sa, sb = _signature(a), _signature(b)
+    if sa == sb:
+        return None
+    for ea, eb in zip(sa, sb):
+        if ea != eb:
+            return f"{ea[0]} {ea[1]!r} {ea[2]} {ea[3]} vs {eb[0]} {eb[1]!r} {eb[2]} {eb[3]}"
+    return f"{len(sa)} vs {len(sb)} parameters and buffers"
+
+
+class Population:
+    """N members of one architecture with stacked parameters and buffers.
+
+    ``params[name]`` and ``buffers[name]`` are ``[N, *shape]`` tensors, contiguous with the member
+    dimension first. ``ids`` are stable member ids: they survive reordering and a copy keeps its
+    source's id (copies are told apart by position). The population is the stateful edge of the
+    library; training math lives in pure functions (see :mod:`popvec.engine`).
+    """
+
+    def __init__(
+        self,
+        skeleton: nn.Module,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        ids: IndexLike | None = None,
+        trainable: Sequence[str] | None = None,
+    ) -> None:
+        if not params:
+            raise ValueError("params must hold at least one stacked parameter")
+        sizes = {t.shape[0] for t in [*params.values(), *buffers.values()]}
+        if len(sizes) != 1:
+            raise ValueError(f"every stacked tensor must have the same leading size N, got sizes {sorted(sizes)}")
+        self.skeleton = skeleton
+        self.params = params
+        self.buffers = buffers
+        n = sizes.pop()
+        self.ids = torch.arange(n) if ids is None else torch.as_tensor(ids, dtype=torch.long).clone()
+        if self.ids.shape != (n,):
+            raise ValueError(f"ids must have one entry per member ({n}), got shape {tuple(self.ids.shape)}")
+        self.trainable = tuple(params if trainable is None else trainable)
+        unknown = set(self.trainable) - set(params)
+        if unknown:
+            raise ValueError(f"trainable names unknown parameters: {sorted(unknown)}")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_modules(cls, modules: Sequence[nn.Module]) -> Population:
+        """Stack ``modules`` (same class, same parameter/buffer names, shapes and dtypes)."""
+        modules = list(modules)
+        if not modules:
+            raise ValueError("modules must hold at least one nn.Module")
+        for i, m in enumerate(modules):
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"modules[{i}] must be an nn.Module, got {type(m).__name__}")
+            problem = architecture_mismatch(modules[0], m)
+            if problem:
+                raise ValueError(f"modules must share one architecture; modules[0] and modules[{i}] differ: {problem}")
+        first_params, first_buffers = _named_tensors(modules[0])
+        named = [_named_tensors(m) for m in modules]
+        params = {k: torch.stack([p[k].detach() for p, _ in named]) for k in first_params}
+        buffers = {k: torch.stack([b[k].detach() for _, b in named]) for k in first_buffers}
+        trainable = [k for k, v in first_params.items() if v.requires_grad]
+        skeleton = copy.deepcopy(modules[0]).to("meta")
+        skeleton.train(modules[0].training)
+        return cls(skeleton, params, buffers, trainable=trainable)
+
+    @classmethod
+    def from_factory(
+        cls,
+        model_fn: Callable[[], nn.Module],
+        n: int,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+    ) -> Population:
+        """Build ``n`` members; member i is exactly ``torch.manual_seed(seed + i); model_fn()``.
+
+        The global RNG is left as it was, so building a population does not disturb the caller's
+        random stream.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        modules = []
+        with torch.random.fork_rng(devices=[]):
+            for member_seed in member_seeds(seed, n):
+                torch.manual_seed(member_seed)
+                modules.append(model_fn())
+        pop = cls.from_modules(modules)
+        return pop.to(device) if device is not None else pop
+
+    # ------------------------------------------------------------------ basic facts
+    @property
+    def n(self) -> int:
+        """Number of members N."""
+        return int(self.ids.shape[0])
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    @property
+    def training(self) -> bool:
+        return self.skeleton.training
+
+    def train(self, mode: bool = True) -> Population:
+        """Set train/eval mode (dropout, BatchNorm) for every member."""
+        self.skeleton.train(mode)
+        return self
+
+    def eval(self) -> Population:
+        return self.train(False)
+
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.skeleton.modules())
+
+    def __repr__(self) -> str:
+        count = sum(p[0].numel() for p in self.params.values())
+        return f"Population({type(self.skeleton).__name__}, n={self.n}, params_per_member={count}, device={self.device})"
+
+    # ------------------------------------------------------------------ selection
+    def select(self, indices: IndexLike) -> Population:
+        """Keep, reorder or copy members in place: member j becomes old member ``indices[j]``.
+
+        Repeated indices copy a member (its id is repeated too). Returns ``self``.
+        """
+        index = as_index(indices, self.n, self.device)
+        self.params = {k: v.index_select(0, index) for k, v in self.params.items()}
+        self.buffers = {k: v.index_select(0, index) for k, v in self.buffers.items()}
+        self.ids = self.ids.index_select(0, index.cpu())
+        return self
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Population:
+        """Move every stack to ``device`` and floating-point stacks to ``dtype``, in place."""
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+
+        self.params = {k: move(v) for k, v in self.params.items()}
+        self.buffers = {k: move(v) for k, v in self.buffers.items()}
+        return self
+
+    # ------------------------------------------------------------------ members as modules
+    def member(self, i: int) -> nn.Module:
+        """Member ``i`` (a position) as a standalone ``nn.Module`` holding copies of its tensors."""
+        (index,) = as_index([i], self.n).tolist()
+        module = copy.deepcopy(self.skeleton).to_empty(device=self.device)
+        with torch.no_grad():
+            for name, stack in [*self.params.items(), *self.buffers.items()]:
+                _get_tensor(module, name).copy_(stack[index])
+        for name, param in module.named_parameters():
+            param.requires_grad_(name in self.trainable)
+        return module
+
+    def members(self) -> list[nn.Module]:
+        return [self.member(i) for i in range(self.n)]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors only, so ``torch.load(weights_only=True)`` reads it back."""
+        return {
+            "params": dict(self.params),
+            "buffers": dict(self.buffers),
+            "ids": self.ids.clone(),
+            "trainable": list(self.trainable),
+            "training": self.training,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> Population:
+        """Replace the stacks with ``state``'s (N may differ); names and per-member shapes must match."""
+        for kind in ("params", "buffers"):
+            mine, theirs = getattr(self, kind), state[kind]
+            if set(mine) != set(theirs):
+                raise ValueError(f"state {kind} names differ: {sorted(set(mine) ^ set(theirs))}")
+            for k, v in theirs.items():
+                if v.shape[1:] != mine[k].shape[1:]:
+                    raise ValueError(f"state {kind} {k!r} has member shape {tuple(v.shape[1:])}, expected {tuple(mine[k].shape[1:])}")
+        device = self.device
+        self.params = {k: v.to(device) for k, v in state["params"].items()}
+        self.buffers = {k: v.to(device) for k, v in state["buffers"].items()}
+        self.ids = state["ids"].clone().cpu()
+        self.trainable = tuple(state["trainable"])
+        self.train(state["training"])
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def functional(self) -> Callable[..., Any]:
+        """``f(params, buffers, *args)``: one member's forward, for composing with vmap/grad."""
+        skeleton = self.skeleton
+
+        def forward(params: dict[str, Tensor], buffers: dict[str, Tensor], *args: Any) -> Any:
+            return functional_call(skeleton, (params, buffers), args)
+
+        return forward
+
+    def forward(self, x: Tensor, per_member: bool = False, chunk_size: int | None = None) -> Tensor:
+        """Outputs of every member: ``[N, B, ...]``.
+
+        ``x`` is one shared batch ``[B, ...]`` (``per_member=False``) or one batch per member
+        ``[N, B, ...]`` (``per_member=True``). In train mode BatchNorm running statistics of every
+        member are updated in place; dropout draws an independent mask per member.
+        ``chunk_size`` bounds how many members run at once (memory).
+        """
+        check_batch(x, self.n, per_member, "x")
+        fn = vmap(self.functional(), in_dims=(0, 0, 0 if per_member else None), randomness="different", chunk_size=chunk_size)
+        return fn(self.params, self.buffers, x)
+
+    __call__ = forward
+
+
+def check_batch(x: Tensor, n: int, per_member: bool, name: str) -> None:
+    """Raise if a per-member batch's leading dimension is not N."""
+    if per_member and (x.dim() == 0 or x.shape[0] != n):
+        raise ValueError(
+            f"{name} must have leading dimension N={n} when per_member=True, got shape {tuple(x.shape)}"
+        )
+
+
+def _get_tensor(module: nn.Module, name: str) -> Tensor:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    return getattr(owner, attr)

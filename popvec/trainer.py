@@ -1,0 +1,315 @@
+"""Trainers: the loop around the pure step, with evaluation cadence, selection, history, checkpoints.
+
+``PopulationTrainer`` trains a population and applies any :class:`~popvec.selection.SelectionPolicy`;
+``MultipleInitializationsTrainer`` is the seed-compatible progressive elimination of N random
+initializations built on it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import Tensor, nn
+
+from popvec import optim
+from popvec.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from popvec.engine import LossFn, TrainStep, evaluate
+from popvec.population import IndexLike, Population, as_index
+from popvec.report import make_progress, round_table
+from popvec.selection import MetricsTable, SelectionPolicy, SuccessiveHalving, check_reduce_factor
+from popvec.sources import BatchSource, as_source
+
+__all__ = ["PopulationTrainer", "MultipleInitializationsTrainer", "CHECKPOINT_NAME"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class PopulationTrainer:
+    """Trains a population with one vmapped step per batch and applies selection decisions.
+
+    ``history`` holds one record per decision round (per member id: train loss, validation
+    loss and accuracy, kept or not) and the cost of the run (member-steps spent vs training
+    every initial member for the whole budget).
+    """
+
+    def __init__(
+        self,
+        population: Population,
+        optimizer: optim.PopulationOptimizer | optim.TorchOptimizer,
+        loss_fn: LossFn = F.cross_entropy,
+        compile: bool = False,
+        eval_batch_size: int = 1024,
+        console: Console | None = None,
+        progress: bool = True,
+    ) -> None:
+        if optimizer.population is not population:
+            raise ValueError("optimizer must be built on the same population the trainer trains")
+        self.population = population
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.eval_batch_size = eval_batch_size
+        self.console = console or Console()
+        self.progress = progress
+        self._train_step = TrainStep(population, optimizer, loss_fn, compile)
+        self.global_step = 0
+        self.member_steps = 0
+        self.samples_seen = 0
+        self.wall_time = 0.0
+        self.initial_n = population.n
+        self.history: dict[str, Any] = {"rounds": [], "cost": {}}
+        self._source: BatchSource | None = None
+        self._pending_source_state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ primitives
+    def step(self, x: Tensor, y: Tensor, per_member: bool = False) -> Tensor:
+        """One update of every member on ``x``: ``[B, ...]`` shared or ``[N, B, ...]``; losses ``[N]``."""
+        losses = self._train_step(x, y, per_member)
+        self.global_step += 1
+        self.member_steps += self.population.n
+        self.samples_seen += self.population.n * int(y.shape[-1])
+        return losses
+
+    def evaluate(self, data: Any, y: Tensor | None = None, batch_size: int | None = None) -> dict[str, Tensor]:
+        """Per-member ``{"loss": [N], "accuracy": [N]}`` over ``(x, y)``, a split, or a DataLoader."""
+        if y is not None:
+            data = (data, y)
+        return evaluate(self.population, data, self.loss_fn, batch_size or self.eval_batch_size)
+
+    def select(self, indices: IndexLike) -> None:
+        """Keep, reorder or copy members; parameters, buffers, optimizer state and data order follow."""
+        index = as_index(indices, self.population.n, self.population.device)
+        self.population.select(index)
+        self.optimizer.select(index)
+        if self._source is not None:
+            self._source.select(index)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(
+        self,
+        train_data: Any,
+        val_data: Any,
+        steps: int,
+        policy: SelectionPolicy | None = None,
+        checkpoint_path: str | Path | None = None,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Train until ``steps`` global steps, consulting ``policy`` at the steps it asks for.
+
+        ``train_data`` is a DataLoader-like iterable (shared batches) or a ``DeviceLoader``
+        (shared, or per-member orders). After each decision the round is recorded in
+        ``history``, printed, and (with ``checkpoint_path``) checkpointed atomically. A trainer
+        restored with :meth:`load_checkpoint` continues where the checkpoint was taken.
+        """
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+        source = as_source(train_data, self.population.device)
+        if source.per_member and getattr(getattr(source, "loader", None), "num_members", None) != self.population.n:
+            raise ValueError("a per-member DeviceLoader must have num_members equal to the population size")
+        if self._pending_source_state is not None:
+            source.load_state_dict(self._pending_source_state)
+            self._pending_source_state = None
+        self._source = source
+        progress = make_progress(self.console, disable=not self.progress)
+        started = time.perf_counter() - self.wall_time
+        with progress:
+            task = progress.add_task("training", total=steps, completed=self.global_step, loss="-")
+            while self.global_step < steps:
+                decision = policy.next_decision(self.global_step, self.population.n) if policy else None
+                stop = steps if decision is None else min(decision, steps)
+                self.console.print(f"Training {self.population.n} model(s) for {stop - self.global_step} steps")
+                loss_sum = torch.zeros(self.population.n, device=self.population.device)
+                count = 0
+                while self.global_step < stop:
+                    x, y = source.next_batch()
+                    loss_sum += self.step(x, y, source.per_member)
+                    count += 1
+                    if count % 25 == 0 or self.global_step == stop:
+                        progress.update(task, completed=self.global_step, loss=f"{float(loss_sum.mean()) / count:.4f}")
+                progress.update(task, completed=self.global_step)
+                if decision is not None and self.global_step == decision:
+                    record = self._decide(policy, val_data, loss_sum / max(count, 1))  # type: ignore[arg-type]
+                    self.wall_time = time.perf_counter() - started
+                    if checkpoint_path is not None:
+                        self.save_checkpoint(checkpoint_path)
+                    if on_round is not None:
+                        on_round(record)
+        self.wall_time = time.perf_counter() - started
+        self._record_cost(steps)
+        if checkpoint_path is not None:
+            self.save_checkpoint(checkpoint_path)
+        return self.history
+
+    def metrics_table(self, val_data: Any, train_loss: Tensor | None = None) -> MetricsTable:
+        """Evaluate every member on ``val_data``: a table with val_loss, val_accuracy (and train_loss)."""
+        metrics = self.evaluate(val_data)
+        columns = {"val_loss": metrics["loss"].tolist(), "val_accuracy": metrics["accuracy"].tolist()}
+        if train_loss is not None:
+            columns = {"train_loss": train_loss.tolist(), **columns}
+        return MetricsTable(self.population.ids.tolist(), columns, step=self.global_step)
+
+    def _decide(self, policy: SelectionPolicy, val_data: Any, train_loss: Tensor) -> dict[str, Any]:
+        table = self.metrics_table(val_data, train_loss)
+        keep = policy.decide(table)
+        kept = set(keep)
+        record = {
+            "round": len(self.history["rounds"]) + 1,
+            "step": self.global_step,
+            "members": [{**row, "kept": p in kept} for p, row in enumerate(table.rows())],
+            "kept_ids": [table.ids[p] for p in keep],
+            "member_steps": self.member_steps,
+        }
+        self.history["rounds"].append(record)
+        self.select(keep)
+        self.console.print(round_table(record))
+        if len(keep) < len(table):
+            self.console.print(f"Eliminated poor performers. Remaining models: {len(keep)}")
+        return record
+
+    def _record_cost(self, steps: int) -> None:
+        naive = self.initial_n * steps
+        self.history["cost"] = {
+            "member_steps": self.member_steps,
+            "naive_member_steps": naive,
+            "fraction_of_naive": self.member_steps / naive if naive else 0.0,
+            "samples_seen": self.samples_seen,
+            "wall_time_s": self.wall_time,
+            "global_steps": self.global_step,
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "population": self.population.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "source": self._source.state_dict() if self._source is not None else None,
+            "rng": rng_state(),
+            "history": self.history,
+            "counters": {
+                "global_step": self.global_step,
+                "member_steps": self.member_steps,
+                "samples_seen": self.samples_seen,
+                "wall_time": self.wall_time,
+                "initial_n": self.initial_n,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore everything a run needs to continue exactly (population, optimizer, data order, RNG)."""
+        self.population.load_state_dict(state["population"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = state["history"]
+        counters = state["counters"]
+        self.global_step = int(counters["global_step"])
+        self.member_steps = int(counters["member_steps"])
+        self.samples_seen = int(counters["samples_seen"])
+        self.wall_time = float(counters["wall_time"])
+        self.initial_n = int(counters["initial_n"])
+        self._pending_source_state = state["source"]
+        set_rng_state(state["rng"])
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        save_checkpoint(path, self.state_dict())
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        self.load_state_dict(load_checkpoint(path, map_location=self.population.device))
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+class MultipleInitializationsTrainer:
+    """Progressive elimination of ``num_models`` random initializations, trained in one stack.
+
+    Every ``num_elim_steps`` steps all remaining members are evaluated on the whole validation
+    set, ranked by validation loss (ties by member id), and the best
+    ``max(1, int(n * reduce_factor))`` are kept, until one remains; the survivor then trains
+    until ``num_epochs`` epochs of steps are done in total. Same arguments as the original
+    one-model-at-a-time framework; member i is initialized by ``torch.manual_seed(seed + i)``.
+    """
+
+    def __init__(
+        self,
+        model_fn: Callable[[], nn.Module],
+        optimizer_fn: Callable[..., Any],
+        num_models: int = 10,
+        num_elim_steps: int = 100,
+        reduce_factor: float = 0.5,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+        compile: bool = False,
+        console: Console | None = None,
+        progress: bool = True,
+    ) -> None:
+        _check_positive_int("num_models", num_models)
+        _check_positive_int("num_elim_steps", num_elim_steps)
+        check_reduce_factor(reduce_factor)
+        for name, fn in (("model_fn", model_fn), ("optimizer_fn", optimizer_fn)):
+            if not callable(fn):
+                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        self.model_fn = model_fn
+        self.optimizer_fn = optimizer_fn
+        self.num_models = num_models
+        self.num_elim_steps = num_elim_steps
+        self.reduce_factor = reduce_factor
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.seed = seed
+        self.compile = compile
+        self.console = console or Console()
+        self.progress = progress
+        self.trainer: PopulationTrainer | None = None
+
+    @property
+    def history(self) -> dict[str, Any]:
+        return self.trainer.history if self.trainer is not None else {"rounds": [], "cost": {}}
+
+    @property
+    def population(self) -> Population:
+        if self.trainer is None:
+            raise RuntimeError("call train() first")
+        return self.trainer.population
+
+    def build(self, criterion: LossFn | None = None) -> PopulationTrainer:
+        """The population trainer for a fresh run (all members initialized, nothing trained)."""
+        population = Population.from_factory(self.model_fn, self.num_models, self.seed, self.device)
+        optimizer = optim.build(population, self.optimizer_fn)
+        self.trainer = PopulationTrainer(
+            population, optimizer, criterion or F.cross_entropy, self.compile, console=self.console, progress=self.progress
+        )
+        return self.trainer
+
+    def train(
+        self,
+        train_loader: Any,
+        val_loader: Any,
+        criterion: LossFn | None = None,
+        num_epochs: int = 1,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+    ) -> nn.Module:
+        """Run the elimination and return the winner as a plain ``nn.Module``.
+
+        With ``checkpoint_dir`` a checkpoint is written after every round; ``resume=True``
+        continues from it and ends with the same winner and weights as an uninterrupted run.
+        """
+        _check_positive_int("num_epochs", num_epochs)
+        steps = num_epochs * as_source(train_loader, self.device).steps_per_epoch
+        trainer = self.build(criterion)
+        checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+        if resume:
+            if checkpoint_path is None:
+                raise ValueError("resume=True needs checkpoint_dir")
+            trainer.load_checkpoint(checkpoint_path)
+        # If the budget ends before the elimination does, a last round there keeps the best.
+        policy = SuccessiveHalving(self.num_elim_steps, self.reduce_factor, final_step=steps)
+        trainer.fit(train_loader, val_loader, steps, policy, checkpoint_path)
+        self.best_val_loss = float(trainer.evaluate(val_loader)["loss"][0])
+        self.console.print(f"Training complete! Best validation loss: {self.best_val_loss:.4f}")
+        return trainer.population.member(0)
