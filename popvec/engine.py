@@ -45,15 +45,32 @@ class TrainStep:
     """One training step of a population: vmapped forward/backward, then one optimizer update.
 
     ``compile=True`` runs the gradient computation under ``torch.compile`` (expect one compilation
-    per distinct population size and batch shape).
+    per distinct population size and batch shape). ``cuda_graph`` (default: on for CUDA with a
+    popvec optimizer) records the whole step (forward, backward, update) once as a CUDA graph and
+    replays it: the per-step cost of the Python/vmap dispatch disappears. A graph is reused while
+    the batch shape and every stacked tensor stay the same, and recorded again after a selection
+    or any change of hyperparameter layout (a few eager warmup steps first).
     """
 
-    def __init__(self, population: Population, optimizer: Any, loss_fn: LossFn = F.cross_entropy, compile: bool = False) -> None:
+    warmup_steps = 2
+
+    def __init__(
+        self,
+        population: Population,
+        optimizer: Any,
+        loss_fn: LossFn = F.cross_entropy,
+        compile: bool = False,
+        cuda_graph: bool | None = None,
+    ) -> None:
         self.population = population
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.compile = compile
+        self.cuda_graph = cuda_graph
         self._grad_fns: dict[bool, Callable[..., Any]] = {}
+        self._graph: _RecordedStep | None = None
+        self._warm_key: tuple[Any, ...] | None = None
+        self._warm_count = 0
         self.last_grad_norm: Tensor | None = None
 
     def _grad_fn(self, per_member: bool) -> Callable[..., Any]:
@@ -67,12 +84,75 @@ class TrainStep:
         pop = self.population
         check_batch(x, pop.n, per_member, "x")
         check_batch(y, pop.n, per_member, "y")
+        if self._graphs_enabled(x):
+            return self._graph_step(x, y, per_member)
+        return self._eager_step(x, y, per_member)
+
+    def _eager_step(self, x: Tensor, y: Tensor, per_member: bool) -> Tensor:
+        pop = self.population
         trainable = {k: pop.params[k] for k in pop.trainable}
         frozen = {k: v for k, v in pop.params.items() if k not in trainable}
         pop.train()
         grads, losses = self._grad_fn(per_member)(trainable, frozen, pop.buffers, x, y)
         self.last_grad_norm = self.optimizer.step(grads)
         return losses.detach()
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _graphs_enabled(self, x: Tensor) -> bool:
+        capable = x.is_cuda and hasattr(self.optimizer, "graph_key") and not self.compile
+        if self.cuda_graph is None:
+            return capable
+        if self.cuda_graph and not capable:
+            raise ValueError("cuda_graph=True needs CUDA tensors, a popvec optimizer (not from_torch) and compile=False")
+        return self.cuda_graph
+
+    def _key(self, x: Tensor, y: Tensor, per_member: bool) -> tuple[Any, ...]:
+        pop = self.population
+        stacks = [*pop.params.values(), *pop.buffers.values()]
+        return (
+            per_member, tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, tuple(pop.trainable),
+            tuple((t.data_ptr(), tuple(t.shape)) for t in stacks), self.optimizer.graph_key(),
+        )
+
+    def _graph_step(self, x: Tensor, y: Tensor, per_member: bool) -> Tensor:
+        key = self._key(x, y, per_member)
+        if self._graph is not None and self._graph.key == key:
+            return self._graph.replay(x, y, self.optimizer)
+        self._graph = None
+        if self._warm_key != key:
+            self._warm_key, self._warm_count = key, 0
+        if self._warm_count < self.warmup_steps:
+            # Eager steps on a side stream before recording, as CUDA graph capture requires.
+            self._warm_count += 1
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                losses = self._eager_step(x, y, per_member)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            return losses
+        static_x, static_y = x.clone(), y.clone()
+        graph = torch.cuda.CUDAGraph()
+        host_state = self.optimizer._shared_step
+        with torch.cuda.graph(graph):
+            static_losses = self._eager_step(static_x, static_y, per_member)
+        # Recording ran the host-side bookkeeping once but trained nothing: undo it; replays tick.
+        self.optimizer._shared_step = host_state
+        self._graph = _RecordedStep(key, graph, static_x, static_y, static_losses)
+        return self._graph.replay(x, y, self.optimizer)
+
+
+class _RecordedStep:
+    """A recorded step: static input buffers, the graph, and its static output."""
+
+    def __init__(self, key: tuple[Any, ...], graph: Any, x: Tensor, y: Tensor, losses: Tensor) -> None:
+        self.key, self.graph, self.x, self.y, self.losses = key, graph, x, y, losses
+
+    def replay(self, x: Tensor, y: Tensor, optimizer: Any) -> Tensor:
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        optimizer.tick()
+        return self.losses.clone()
 
 
 def batch_accuracy(outputs: Tensor, y: Tensor) -> Tensor:

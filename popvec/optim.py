@@ -149,16 +149,29 @@ class PopulationOptimizer:
         lr = self.current_lr()
         states = {s: [self.state[s][k] for k in names] for s in self.state_names}
         self.steps += 1
-        if self._shared_step is not None:
-            self._shared_step += 1
-        fused = self.use_fused and self._shared_step is not None and len(self._shared) == len(self.shared_for_fused)
-        if fused:
+        self.tick()
+        if self.fused_now():
             directions = [torch.zeros_like(p) for p in params]
             self._fused_direction(directions, grad_list, params, states)
             self._apply(params, directions, lr)
         else:
             self._update(params, grad_list, states, lr)
         return norms
+
+    def tick(self) -> None:
+        """Host-side bookkeeping of one step (the device-side count is ``steps``)."""
+        if self._shared_step is not None:
+            self._shared_step += 1
+
+    def fused_now(self) -> bool:
+        return self.use_fused and self._shared_step is not None and len(self._shared) == len(self.shared_for_fused)
+
+    def graph_key(self) -> tuple[Any, ...]:
+        """Everything on the host that shapes the kernels of the next step (for CUDA-graph reuse)."""
+        tensors = [*self.hparams.values(), self.steps, *(t for d in self.state.values() for t in d.values())]
+        first = self._shared_step == 0
+        return (self.fused_now(), tuple(sorted(self._shared.items())), self._any_weight_decay, first, id(self.schedule),
+                tuple((t.data_ptr(), tuple(t.shape)) for t in tensors))
 
     def _apply(self, params: list[Tensor], directions: list[Tensor], lr: Tensor) -> None:
         for p, d in zip(params, directions):

@@ -199,9 +199,15 @@ class Population:
     def member(self, i: int) -> nn.Module:
         """Member ``i`` (a position) as a standalone ``nn.Module`` holding copies of its tensors."""
         (index,) = as_index([i], self.n).tolist()
-        module = copy.deepcopy(self.skeleton).to_empty(device=self.device)
+        module = copy.deepcopy(self.skeleton)
+        stacks = [*self.params.items(), *self.buffers.items()]
+        for name, stack in stacks:  # the skeleton keeps its build dtype; stacks may since have moved (to(dtype=...))
+            target = _get_tensor(module, name)
+            if target.dtype != stack.dtype:
+                target.data = target.data.to(stack.dtype)
+        module = module.to_empty(device=self.device)
         with torch.no_grad():
-            for name, stack in [*self.params.items(), *self.buffers.items()]:
+            for name, stack in stacks:
                 _get_tensor(module, name).copy_(stack[index])
         for name, param in module.named_parameters():
             param.requires_grad_(name in self.trainable)

@@ -101,12 +101,16 @@ class LoaderSource:
         self._epoch_rng, self._iterator = state["epoch_rng"], None
         if self._epoch_rng is None:
             return
+        # A shuffling DataLoader draws its base seed when the iterator is made and its sampler's
+        # seed at the first batch, both from the global RNG: replay both under the epoch's state.
         current = torch.get_rng_state()
         torch.set_rng_state(self._epoch_rng)
-        self._iterator = iter(self.loader)
-        torch.set_rng_state(current)
-        for _ in range(self.position):
-            next(self._iterator)
+        try:
+            self._iterator = iter(self.loader)
+            for _ in range(self.position):
+                next(self._iterator)
+        finally:
+            torch.set_rng_state(current)
 
 
 def as_source(train_data: Any, device: torch.device) -> BatchSource:

@@ -47,6 +47,7 @@ class PopulationTrainer:
         eval_batch_size: int = 1024,
         console: Console | None = None,
         progress: bool = True,
+        cuda_graph: bool | None = None,
     ) -> None:
         if optimizer.population is not population:
             raise ValueError("optimizer must be built on the same population the trainer trains")
@@ -56,7 +57,7 @@ class PopulationTrainer:
         self.eval_batch_size = eval_batch_size
         self.console = console or Console()
         self.progress = progress
-        self._train_step = TrainStep(population, optimizer, loss_fn, compile)
+        self._train_step = TrainStep(population, optimizer, loss_fn, compile, cuda_graph)
         self.global_step = 0
         self.member_steps = 0
         self.samples_seen = 0
@@ -109,11 +110,12 @@ class PopulationTrainer:
         if not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
         source = as_source(train_data, self.population.device)
-        if source.per_member and getattr(getattr(source, "loader", None), "num_members", None) != self.population.n:
-            raise ValueError("a per-member DeviceLoader must have num_members equal to the population size")
         if self._pending_source_state is not None:
+            # Restore first: a resumed per-member loader takes its member count from the checkpoint.
             source.load_state_dict(self._pending_source_state)
             self._pending_source_state = None
+        if source.per_member and getattr(getattr(source, "loader", None), "num_members", None) != self.population.n:
+            raise ValueError("a per-member DeviceLoader must have num_members equal to the population size")
         self._source = source
         progress = make_progress(self.console, disable=not self.progress)
         started = time.perf_counter() - self.wall_time
@@ -293,11 +295,13 @@ class MultipleInitializationsTrainer:
         num_epochs: int = 1,
         checkpoint_dir: str | Path | None = None,
         resume: bool = False,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
     ) -> nn.Module:
         """Run the elimination and return the winner as a plain ``nn.Module``.
 
         With ``checkpoint_dir`` a checkpoint is written after every round; ``resume=True``
         continues from it and ends with the same winner and weights as an uninterrupted run.
+        ``on_round`` is called with each round's record, after selection and the checkpoint.
         """
         _check_positive_int("num_epochs", num_epochs)
         steps = num_epochs * as_source(train_loader, self.device).steps_per_epoch
@@ -309,7 +313,7 @@ class MultipleInitializationsTrainer:
             trainer.load_checkpoint(checkpoint_path)
         # If the budget ends before the elimination does, a last round there keeps the best.
         policy = SuccessiveHalving(self.num_elim_steps, self.reduce_factor, final_step=steps)
-        trainer.fit(train_loader, val_loader, steps, policy, checkpoint_path)
+        trainer.fit(train_loader, val_loader, steps, policy, checkpoint_path, on_round)
         self.best_val_loss = float(trainer.evaluate(val_loader)["loss"][0])
         self.console.print(f"Training complete! Best validation loss: {self.best_val_loss:.4f}")
         return trainer.population.member(0)
