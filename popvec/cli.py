@@ -7,6 +7,7 @@ per-round tables, a run folder (config, history, checkpoints, the winner's weigh
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -81,11 +82,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
 
+#: Modules that add a subcommand: each defines ``register(commands)`` adding a parser whose
+#: defaults include ``run=fn(args, parser, console) -> int``.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="popvec", description="Train populations of neural networks in one vmapped stack.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = commands.add_parser("train", help="progressive elimination of N initializations")
     add_train_arguments(train)
+    train.set_defaults(run=_train_command)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(commands)
     return parser
 
 
@@ -181,35 +190,38 @@ def _prepare_run_folder(args: argparse.Namespace, parser: argparse.ArgumentParse
         if not (run_dir / CHECKPOINT_NAME).is_file() or not config.is_file():
             parser.error(f"--resume: {run_dir} holds no {CHECKPOINT_NAME} and config.json to resume from")
         saved = json.loads(config.read_text())
-        return argparse.Namespace(**{**saved, "resume": str(run_dir), "out": str(run_dir), "no_progress": args.no_progress})
+        return argparse.Namespace(**{**saved, "resume": str(run_dir), "out": str(run_dir), "no_progress": args.no_progress, "run": args.run})
     args.out = args.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     out = Path(args.out)
     if (out / CHECKPOINT_NAME).exists():
         parser.error(f"--out: {out} already holds a run; resume it with --resume {out} or choose another folder")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {k: v for k, v in vars(args).items() if k not in ("resume", "command")})
+    write_json(out / "config.json", {k: v for k, v in vars(args).items() if k not in ("resume", "command", "run")})
     return args
 
 
+def _train_command(args: argparse.Namespace, parser: argparse.ArgumentParser, console: Console) -> int:
+    try:
+        resolve_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
+    args = _prepare_run_folder(args, parser)
+    try:
+        run_train(args, console)
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    except KeyboardInterrupt:
+        console.print(f"Interrupted. Continue with: popvec train --resume {args.out}")
+        return 130
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``popvec`` command; returns the exit code (2 for bad flags)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    console = Console()
-    if args.command == "train":
-        train_parser = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
-        try:
-            resolve_device(args.device)
-        except ValueError as err:
-            train_parser.error(str(err))
-        args = _prepare_run_folder(args, train_parser)
-        try:
-            run_train(args, console)
-        except FileNotFoundError as err:
-            train_parser.error(str(err))
-        except KeyboardInterrupt:
-            console.print(f"Interrupted. Continue with: popvec train --resume {args.out}")
-            return 130
-    return 0
+    command_parser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+    return args.run(args, command_parser, Console())
 
 
 if __name__ == "__main__":

@@ -126,6 +126,13 @@ class PopulationOptimizer:
     def n(self) -> int:
         return int(self.steps.shape[0])
 
+    def set_hparam(self, name: str, values: HParam) -> None:
+        """Replace hyperparameter ``name`` (a float or one value per member), e.g. for PBT's explore."""
+        if name not in self.hparams:
+            raise ValueError(f"name must be one of {sorted(self.hparams)}, got {name!r}")
+        self.hparams[name] = as_member_values(name, values, self.n, self.steps.device)
+        self.hparams_changed()
+
     def hparams_changed(self) -> None:
         """Recompute host-side facts about ``hparams``; call after editing them in place."""
         self._shared = {k: float(self.hparams[k][0]) for k in self.shared_for_fused if bool((self.hparams[k] == self.hparams[k][0]).all())}
