@@ -100,9 +100,13 @@ def naive_step(models: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor) 
     return step
 
 
-def popvec_step(models: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor, compile: bool = False) -> Callable[[], None]:
+def popvec_step(
+    models: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor, compile: bool = False, member_chunk_size: int | None = None
+) -> Callable[[], None]:
     pop = Population.from_modules(models)
-    trainer = PopulationTrainer(pop, popvec.optim.Adam(pop, lr=1e-3), compile=compile, progress=False)
+    trainer = PopulationTrainer(
+        pop, popvec.optim.Adam(pop, lr=1e-3), compile=compile, progress=False, member_chunk_size=member_chunk_size
+    )
     return lambda: trainer.step(x, y)
 
 
@@ -114,6 +118,8 @@ def run(args: argparse.Namespace) -> dict:
     variants = {"loop": loop_step, "naive": naive_step, "popvec": popvec_step}
     if args.compile:
         variants["popvec+compile"] = lambda m, x, y: popvec_step(m, x, y, compile=True)
+    if args.member_chunk_size:
+        variants["popvec_chunked"] = lambda m, x, y: popvec_step(m, x, y, member_chunk_size=args.member_chunk_size)
     for model_name in args.models:
         for n in args.sizes:
             x = torch.randn(args.batch_size, 1, 28, 28, device=device)
@@ -128,6 +134,8 @@ def run(args: argparse.Namespace) -> dict:
             row["popvec_vs_loop"] = row["loop_s"] / row["popvec_s"]
             row["popvec_vs_naive"] = row["naive_s"] / row["popvec_s"]
             row["naive_vs_loop"] = row["loop_s"] / row["naive_s"]
+            if "popvec_chunked_s" in row:
+                row["popvec_chunked_vs_loop"] = row["loop_s"] / row["popvec_chunked_s"]
             console.print(
                 f"{model_name} N={n}: loop {1e3 * row['loop_s']:.2f} ms, naive {1e3 * row['naive_s']:.2f} ms, "
                 f"popvec {1e3 * row['popvec_s']:.2f} ms -> popvec/loop {row['popvec_vs_loop']:.2f}x, "
@@ -151,10 +159,13 @@ def print_table(report: dict) -> None:
     table = Table(title=f"Train step, batch {report['results'][0]['batch_size']}, {report['device']} (torch {report['torch']})")
     for col in ["model", "N", "loop ms", "naive ms", "popvec ms", "member-steps/s (popvec)", "popvec/loop", "popvec/naive", "naive/loop"]:
         table.add_column(col, justify="right")
+    if "popvec_chunked_s" in report["results"][0]:
+        table.add_column("chunked/loop", justify="right")
     for r in report["results"]:
+        extra = [f"{r['popvec_chunked_vs_loop']:.2f}x"] if "popvec_chunked_vs_loop" in r else []
         table.add_row(
             r["model"], str(r["n"]), f"{1e3 * r['loop_s']:.2f}", f"{1e3 * r['naive_s']:.2f}", f"{1e3 * r['popvec_s']:.2f}",
-            f"{r['popvec_member_steps_per_s']:.0f}", f"{r['popvec_vs_loop']:.2f}x", f"{r['popvec_vs_naive']:.2f}x", f"{r['naive_vs_loop']:.2f}x",
+            f"{r['popvec_member_steps_per_s']:.0f}", f"{r['popvec_vs_loop']:.2f}x", f"{r['popvec_vs_naive']:.2f}x", f"{r['naive_vs_loop']:.2f}x", *extra,
         )
     Console().print(table)
 
@@ -170,6 +181,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--compile", action="store_true", help="also time popvec with torch.compile")
+    parser.add_argument("--member-chunk-size", type=int, default=0, help="also time popvec with members in chunks of this many")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_step-<device>.json)")
     args = parser.parse_args()
     report = run(args)

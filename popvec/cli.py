@@ -77,6 +77,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--per-member-data", action="store_true", help="each member draws its own seeded batch order"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the vmapped step")
+    parser.add_argument(
+        "--member-chunk-size", type=_positive_int, default=None, help="run members in chunks of this many (CPU: try 1)"
+    )
     parser.add_argument("--out", default=None, help="run folder (default: runs/<timestamp>)")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue an interrupted run")
     parser.add_argument("--no-progress", action="store_true", help="no live progress bar")
@@ -138,6 +141,7 @@ def run_train(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         compile=args.compile,
         console=console,
         progress=not args.no_progress,
+        member_chunk_size=args.member_chunk_size,
     )
     console.print(
         f"popvec train: {args.num_models} x {args.model} on {data.name} ({len(data.train)} train / {len(data.val)} val / "

@@ -23,13 +23,16 @@ __all__ = ["LossFn", "make_grad_fn", "TrainStep", "evaluate", "batch_accuracy"]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def make_grad_fn(population: Population, loss_fn: LossFn, per_member: bool) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
+def make_grad_fn(
+    population: Population, loss_fn: LossFn, per_member: bool, member_chunk_size: int | None = None
+) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
     """``grad_fn(trainable, frozen, buffers, x, y) -> (grads, losses)`` for the whole stack.
 
     ``trainable``/``frozen``/``buffers`` map names to ``[N, ...]``; ``x`` is ``[B, ...]`` shared or
     ``[N, B, ...]`` per member (likewise ``y``); ``grads`` maps trainable names to ``[N, ...]`` and
     ``losses`` is ``[N]``. BatchNorm buffers are updated in place in train mode; dropout masks are
-    independent per member.
+    independent per member. ``member_chunk_size`` runs the members in chunks of that many
+    (same results; on a CPU, small chunks keep activations in cache and avoid grouped convolutions).
     """
     skeleton = population.skeleton
 
@@ -38,7 +41,9 @@ def make_grad_fn(population: Population, loss_fn: LossFn, per_member: bool) -> C
         return loss_fn(out, y)
 
     data_dim = 0 if per_member else None
-    return vmap(grad_and_value(member_loss), in_dims=(0, 0, 0, data_dim, data_dim), randomness="different")
+    return vmap(
+        grad_and_value(member_loss), in_dims=(0, 0, 0, data_dim, data_dim), randomness="different", chunk_size=member_chunk_size
+    )
 
 
 class TrainStep:
@@ -61,8 +66,12 @@ class TrainStep:
         loss_fn: LossFn = F.cross_entropy,
         compile: bool = False,
         cuda_graph: bool | None = None,
+        member_chunk_size: int | None = None,
     ) -> None:
+        if member_chunk_size is not None and (not isinstance(member_chunk_size, int) or member_chunk_size < 1):
+            raise ValueError(f"member_chunk_size must be None or an integer >= 1, got {member_chunk_size!r}")
         self.population = population
+        self.member_chunk_size = member_chunk_size
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.compile = compile
@@ -75,7 +84,7 @@ class TrainStep:
 
     def _grad_fn(self, per_member: bool) -> Callable[..., Any]:
         if per_member not in self._grad_fns:
-            fn = make_grad_fn(self.population, self.loss_fn, per_member)
+            fn = make_grad_fn(self.population, self.loss_fn, per_member, self.member_chunk_size)
             self._grad_fns[per_member] = torch.compile(fn) if self.compile else fn
         return self._grad_fns[per_member]
 

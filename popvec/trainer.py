@@ -48,6 +48,7 @@ class PopulationTrainer:
         console: Console | None = None,
         progress: bool = True,
         cuda_graph: bool | None = None,
+        member_chunk_size: int | None = None,
     ) -> None:
         if optimizer.population is not population:
             raise ValueError("optimizer must be built on the same population the trainer trains")
@@ -57,7 +58,7 @@ class PopulationTrainer:
         self.eval_batch_size = eval_batch_size
         self.console = console or Console()
         self.progress = progress
-        self._train_step = TrainStep(population, optimizer, loss_fn, compile, cuda_graph)
+        self._train_step = TrainStep(population, optimizer, loss_fn, compile, cuda_graph, member_chunk_size)
         self.global_step = 0
         self.member_steps = 0
         self.samples_seen = 0
@@ -249,6 +250,7 @@ class MultipleInitializationsTrainer:
         compile: bool = False,
         console: Console | None = None,
         progress: bool = True,
+        member_chunk_size: int | None = None,
     ) -> None:
         _check_positive_int("num_models", num_models)
         _check_positive_int("num_elim_steps", num_elim_steps)
@@ -266,6 +268,7 @@ class MultipleInitializationsTrainer:
         self.compile = compile
         self.console = console or Console()
         self.progress = progress
+        self.member_chunk_size = member_chunk_size
         self.trainer: PopulationTrainer | None = None
 
     @property
@@ -283,7 +286,13 @@ class MultipleInitializationsTrainer:
         population = Population.from_factory(self.model_fn, self.num_models, self.seed, self.device)
         optimizer = optim.build(population, self.optimizer_fn)
         self.trainer = PopulationTrainer(
-            population, optimizer, criterion or F.cross_entropy, self.compile, console=self.console, progress=self.progress
+            population,
+            optimizer,
+            criterion or F.cross_entropy,
+            self.compile,
+            console=self.console,
+            progress=self.progress,
+            member_chunk_size=self.member_chunk_size,
         )
         return self.trainer
 
