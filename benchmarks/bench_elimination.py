@@ -14,27 +14,19 @@ time of each, the ratio, and whether both pick the same winner with the same wei
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-import popvec
+from common import environment, sync, write_report
 from popvec import MultipleInitializationsTrainer
 from popvec.data import DeviceLoader, load_dataset
 from popvec.models import model_factory, required_image_size
 from popvec.selection import elimination_schedule
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -134,11 +126,7 @@ def main() -> None:
     ]
     report = {
         "benchmark": "bench_elimination",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "device_type": device.type,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "popvec": popvec.__version__,
+        **environment(device),
         "config": vars(args) | {"steps": steps},
         "loop_s": statistics.median(loop_times),
         "popvec_s": statistics.median(popvec_times),
@@ -156,10 +144,7 @@ def main() -> None:
         f"max |weight diff| {report['winner_max_abs_weight_diff']:.2e}"
     )
     suffix = "-no-tf32" if args.no_tf32 else ""
-    out = Path(args.out or Path(__file__).parent / "results" / f"bench_elimination-{device.type}{suffix}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report(report, args.out, f"bench_elimination-{device.type}{suffix}.json")
 
 
 if __name__ == "__main__":

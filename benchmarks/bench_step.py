@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +27,7 @@ from rich.table import Table
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 import popvec
+from common import environment, sync, write_report
 from popvec import Population, PopulationTrainer
 from popvec.models import MLP, LeNet5
 
@@ -37,11 +35,6 @@ MODELS: dict[str, Callable[[], torch.nn.Module]] = {
     "mlp": lambda: MLP(784, (256, 256), 10),
     "lenet5": lambda: LeNet5(),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_seconds(fn: Callable[[], None], device: torch.device, repeats: int, inner: int, warmup: int) -> float:
@@ -144,11 +137,7 @@ def run(args: argparse.Namespace) -> dict:
             results.append(row)
     return {
         "benchmark": "bench_step",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "device_type": device.type,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "popvec": popvec.__version__,
+        **environment(device),
         "repeats": args.repeats,
         "inner_steps": args.inner,
         "results": results,
@@ -186,10 +175,7 @@ def main() -> None:
     args = parser.parse_args()
     report = run(args)
     print_table(report)
-    out = Path(args.out or Path(__file__).parent / "results" / f"bench_step-{report['device_type']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report(report, args.out, f"bench_step-{report['device_type']}.json")
 
 
 if __name__ == "__main__":
