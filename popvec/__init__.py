@@ -1,6 +1,6 @@
 """popvec: train whole populations of neural networks at once, one vmapped step for all N members."""
 
-from popvec import data, engine, lr_schedules, models, optim
+from popvec import data, engine, lmc, lr_schedules, models, optim
 from popvec.population import Population
 from popvec.trainer import MultipleInitializationsTrainer, PopulationTrainer
 
@@ -10,6 +10,7 @@ __all__ = [
     "MultipleInitializationsTrainer",
     "data",
     "engine",
+    "lmc",
     "lr_schedules",
     "models",
     "optim",

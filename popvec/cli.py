@@ -87,7 +87,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 #: Modules that add a subcommand: each defines ``register(commands)`` adding a parser whose
 #: defaults include ``run=fn(args, parser, console) -> int``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("popvec.lmc_cli", "popvec.search_cli", "popvec.warmstart_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
-from popvec.population import Population, check_batch
+from popvec.optim import grad_norm
+from popvec.population import Population, as_mask, check_batch
 
 __all__ = ["LossFn", "make_grad_fn", "TrainStep", "evaluate", "batch_accuracy"]
 
@@ -24,7 +25,11 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def make_grad_fn(
-    population: Population, loss_fn: LossFn, per_member: bool, member_chunk_size: int | None = None
+    population: Population,
+    loss_fn: LossFn,
+    per_member: bool,
+    member_chunk_size: int | None = None,
+    with_loss_hparams: bool = False,
 ) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
     """``grad_fn(trainable, frozen, buffers, x, y) -> (grads, losses)`` for the whole stack.
 
@@ -33,6 +38,9 @@ def make_grad_fn(
     ``losses`` is ``[N]``. BatchNorm buffers are updated in place in train mode; dropout masks are
     independent per member. ``member_chunk_size`` runs the members in chunks of that many
     (same results; on a CPU, small chunks keep activations in cache and avoid grouped convolutions).
+    ``with_loss_hparams=True``: the function takes one more argument, a dict of ``[N]`` tensors
+    (per-member loss hyperparameters such as label smoothing), and member i's loss is
+    ``loss_fn(out, y, **{k: v[i]})`` (the values reach ``loss_fn`` as 0-d tensors).
     """
     skeleton = population.skeleton
 
@@ -41,6 +49,15 @@ def make_grad_fn(
         return loss_fn(out, y)
 
     data_dim = 0 if per_member else None
+    if with_loss_hparams:
+
+        def member_loss_kw(trainable, frozen, buffers, x, y, loss_hparams):  # type: ignore[no-untyped-def]
+            out = functional_call(skeleton, ({**trainable, **frozen}, buffers), (x,))
+            return loss_fn(out, y, **loss_hparams)
+
+        return vmap(
+            grad_and_value(member_loss_kw), in_dims=(0, 0, 0, data_dim, data_dim, 0), randomness="different", chunk_size=member_chunk_size
+        )
     return vmap(
         grad_and_value(member_loss), in_dims=(0, 0, 0, data_dim, data_dim), randomness="different", chunk_size=member_chunk_size
     )
@@ -81,33 +98,61 @@ class TrainStep:
         self._warm_key: tuple[Any, ...] | None = None
         self._warm_count = 0
         self.last_grad_norm: Tensor | None = None
+        #: per-member loss hyperparameters (``[N]`` tensors) passed to ``loss_fn`` as keywords
+        self.loss_hparams: dict[str, Tensor] = {}
+        #: keep ``grad_norm_max``, each member's largest gradient norm since the last reset (eager steps)
+        self.track_grad_norm = False
+        self.grad_norm_max: Tensor | None = None
 
     def _grad_fn(self, per_member: bool) -> Callable[..., Any]:
-        if per_member not in self._grad_fns:
-            fn = make_grad_fn(self.population, self.loss_fn, per_member, self.member_chunk_size)
-            self._grad_fns[per_member] = torch.compile(fn) if self.compile else fn
-        return self._grad_fns[per_member]
+        key: Any = (per_member, "loss_hparams") if self.loss_hparams else per_member
+        if key not in self._grad_fns:
+            fn = make_grad_fn(self.population, self.loss_fn, per_member, self.member_chunk_size, bool(self.loss_hparams))
+            self._grad_fns[key] = torch.compile(fn) if self.compile else fn
+        return self._grad_fns[key]
 
-    def __call__(self, x: Tensor, y: Tensor, per_member: bool = False) -> Tensor:
-        """Train every member on its batch once; returns the per-member losses ``[N]`` (detached)."""
+    def __call__(self, x: Tensor, y: Tensor, per_member: bool = False, mask: Tensor | None = None) -> Tensor:
+        """Train every member on its batch once; returns the per-member losses ``[N]`` (detached).
+
+        ``mask`` (``[N]`` bools): only members marked True train; the others keep their
+        parameters, buffers (BatchNorm statistics), optimizer state and step count exactly (their
+        losses are still computed). A masked step always runs eagerly, never as a CUDA graph.
+        """
         pop = self.population
         check_batch(x, pop.n, per_member, "x")
         check_batch(y, pop.n, per_member, "y")
+        if mask is not None:
+            return self._masked_step(x, y, per_member, as_mask(mask, pop.n, pop.device))
         if self._graphs_enabled(x):
             return self._graph_step(x, y, per_member)
         return self._eager_step(x, y, per_member)
 
-    def _eager_step(self, x: Tensor, y: Tensor, per_member: bool) -> Tensor:
+    def _eager_step(self, x: Tensor, y: Tensor, per_member: bool, mask: Tensor | None = None) -> Tensor:
         pop = self.population
         trainable = {k: pop.params[k] for k in pop.trainable}
         frozen = {k: v for k, v in pop.params.items() if k not in trainable}
         pop.train()
-        grads, losses = self._grad_fn(per_member)(trainable, frozen, pop.buffers, x, y)
-        self.last_grad_norm = self.optimizer.step(grads)
+        extra = (self.loss_hparams,) if self.loss_hparams else ()
+        grads, losses = self._grad_fn(per_member)(trainable, frozen, pop.buffers, x, y, *extra)
+        if self.track_grad_norm:
+            norms = grad_norm([grads[k] for k in pop.trainable])
+            self.grad_norm_max = norms if self.grad_norm_max is None else torch.maximum(self.grad_norm_max, norms)
+        self.last_grad_norm = self.optimizer.step(grads) if mask is None else self.optimizer.step(grads, mask=mask)
         return losses.detach()
+
+    def _masked_step(self, x: Tensor, y: Tensor, per_member: bool, mask: Tensor) -> Tensor:
+        """An eager step whose masked members' buffers are restored (the optimizer restores the rest)."""
+        saved = {k: v.clone() for k, v in self.population.buffers.items()}
+        losses = self._eager_step(x, y, per_member, mask)
+        for k, old in saved.items():
+            buf = self.population.buffers[k]
+            buf.copy_(torch.where(mask.view(-1, *([1] * (buf.dim() - 1))), buf, old))
+        return losses
 
     # ------------------------------------------------------------------ CUDA graphs
     def _graphs_enabled(self, x: Tensor) -> bool:
+        if self.track_grad_norm:  # the running maximum is host-managed state: eager steps only
+            return False
         capable = x.is_cuda and hasattr(self.optimizer, "graph_key") and not self.compile
         if self.cuda_graph is None:
             return capable
@@ -121,6 +166,7 @@ class TrainStep:
         return (
             per_member, tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, tuple(pop.trainable),
             tuple((t.data_ptr(), tuple(t.shape)) for t in stacks), self.optimizer.graph_key(),
+            tuple((k, t.data_ptr(), tuple(t.shape)) for k, t in self.loss_hparams.items()),
         )
 
     def _graph_step(self, x: Tensor, y: Tensor, per_member: bool) -> Tensor:

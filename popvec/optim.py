@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from popvec.lr_schedules import Schedule
-from popvec.population import IndexLike, Population, as_index
+from popvec.population import IndexLike, Population, as_index, as_mask
 
 __all__ = [
     "PopulationOptimizer",
@@ -144,11 +144,19 @@ class PopulationOptimizer:
         return lr * self.schedule(self.steps) if self.schedule is not None else lr
 
     @torch.no_grad()
-    def step(self, grads: dict[str, Tensor]) -> Tensor | None:
-        """Apply one update to the population's parameters in place; returns grad norms if clipping."""
+    def step(self, grads: dict[str, Tensor], mask: Tensor | Sequence[bool] | None = None) -> Tensor | None:
+        """Apply one update to the population's parameters in place; returns grad norms if clipping.
+
+        ``mask`` (``[N]`` bools): members with False are left exactly as they were (parameters,
+        state, step count); see :meth:`masked_step`.
+        """
+        if mask is not None:
+            return self.masked_step(grads, mask)
         names = self.population.trainable
         params = [self.population.params[k] for k in names]
-        grad_list = [grads[k] for k in names]
+        # The fused kernels read a gradient with its parameter's layout: match strides (autograd through
+        # vmap can return transposed gradients).
+        grad_list = [grads[k] if grads[k].stride() == p.stride() else torch.empty_like(p).copy_(grads[k]) for k, p in zip(names, params)]
         norms = None
         if "max_grad_norm" in self.hparams:
             grad_list = [g.clone() for g in grad_list]
@@ -164,6 +172,42 @@ class PopulationOptimizer:
         else:
             self._update(params, grad_list, states, lr)
         return norms
+
+    @torch.no_grad()
+    def masked_step(self, grads: dict[str, Tensor], mask: Tensor | Sequence[bool]) -> Tensor | None:
+        """Update only the members whose ``mask`` entry is True; the others stay bit-identical.
+
+        The update runs for the whole stack and the masked members' parameters, state and step
+        counts are then restored with ``torch.where`` (one snapshot of those tensors per call).
+        Step counts may differ between members from then on, so the general per-member path is
+        used (``_shared_step`` becomes unknown until the counts agree again, e.g. ``reset_state``).
+        """
+        mask = as_mask(mask, self.n, self.steps.device)
+        tensors = [
+            *(self.population.params[k] for k in self.population.trainable),
+            *(t for d in self.state.values() for t in d.values()),
+            self.steps,
+        ]
+        saved = [t.clone() for t in tensors]
+        self._shared_step = None
+        norms = self.step(grads)
+        for t, old in zip(tensors, saved):
+            t.copy_(torch.where(_bcast(mask, t), t, old))
+        return norms
+
+    @torch.no_grad()
+    def reset_state(self, indices: IndexLike) -> PopulationOptimizer:
+        """Zero the state and step count of members ``indices`` (positions): they restart as new.
+
+        Hyperparameters are kept; their schedules restart at step 0.
+        """
+        index = as_index(indices, self.n, self.steps.device)
+        for d in self.state.values():
+            for t in d.values():
+                t.index_fill_(0, index, 0.0)
+        self.steps.index_fill_(0, index, 0.0)
+        self._shared_step = int(self.steps[0]) if bool((self.steps == self.steps[0]).all()) else None
+        return self
 
     def tick(self) -> None:
         """Host-side bookkeeping of one step (the device-side count is ``steps``)."""
@@ -413,7 +457,10 @@ class TorchOptimizer:
         return torch.full((self.n,), lr, device=self.population.device)
 
     @torch.no_grad()
-    def step(self, grads: dict[str, Tensor]) -> Tensor | None:
+    def step(self, grads: dict[str, Tensor], mask: Tensor | Sequence[bool] | None = None) -> Tensor | None:
+        """One update of every member (or, with ``mask``, of the members marked True)."""
+        if mask is not None:
+            return self.masked_step(grads, mask)
         params = self._params()
         grad_list = [grads[k] for k in self.population.trainable]
         norms = None
@@ -429,6 +476,34 @@ class TorchOptimizer:
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def masked_step(self, grads: dict[str, Tensor], mask: Tensor | Sequence[bool]) -> Tensor | None:
+        """Update only the members marked True in ``mask``; the others stay bit-identical.
+
+        A ``torch.optim`` optimizer keeps one step count per stacked tensor, shared by all
+        members, so masking is exact only for rules that never read it: SGD (dampening 0),
+        RMSprop, and Adagrad without ``lr_decay``. Others raise; use ``popvec.optim.Adam``/``AdamW``
+        (per-member step counts) instead.
+        """
+        problem = _mask_problem(self.optimizer)
+        if problem:
+            raise ValueError(f"mask: {problem}")
+        mask = as_mask(mask, self.n, self.population.device)
+        params = self._params()
+        n = self.n
+        # State created by this step (torch.optim builds it lazily) starts at zero for every rule
+        # allowed here, so a masked member's new state is restored to zeros.
+        before = {id(p): {k: v.clone() for k, v in self.optimizer.state.get(p, {}).items() if _per_member(v, n)} for p in params}
+        saved = [p.clone() for p in params]
+        norms = self.step(grads)
+        for p, old in zip(params, saved):
+            p.copy_(torch.where(_bcast(mask, p), p, old))
+            for k, v in self.optimizer.state.get(p, {}).items():
+                if _per_member(v, n):
+                    prev = before[id(p)].get(k)
+                    v.copy_(torch.where(_bcast(mask, v), v, prev if prev is not None else torch.zeros_like(v)))
+        return norms
 
     def select(self, indices: IndexLike) -> TorchOptimizer:
         """Slice the per-parameter state and rebind the optimizer to the population's current stacks.
@@ -464,6 +539,27 @@ class TorchOptimizer:
         self.optimizer.load_state_dict(state["torch"])
         self.hparams = {k: v.to(self.population.device) for k, v in state["hparams"].items()}
         return self
+
+
+def _per_member(value: Any, n: int) -> bool:
+    return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n
+
+
+def _mask_problem(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why masked steps of ``optimizer`` would not be exact per member, or None."""
+    kind = type(optimizer)
+    groups = optimizer.param_groups
+    if kind is torch.optim.SGD and all(g["momentum"] == 0 or g["dampening"] == 0 for g in groups):
+        return None
+    if kind is torch.optim.RMSprop:
+        return None
+    if kind is torch.optim.Adagrad and all(g["lr_decay"] == 0 for g in groups):
+        return None
+    return (
+        f"torch.optim.{kind.__name__} (as configured) depends on a step count or first-step rule shared by all "
+        f"members of a stacked tensor, so skipping some members would change the others' updates; use "
+        f"popvec.optim.SGD/Adam/AdamW (per-member step counts) for masked steps"
+    )
 
 
 def from_torch(

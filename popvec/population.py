@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-__all__ = ["Population", "as_index", "member_seeds"]
+__all__ = ["Population", "as_index", "as_mask", "member_seeds"]
 
 IndexLike = Tensor | Sequence[int]
 
@@ -36,6 +36,30 @@ def as_index(indices: IndexLike, n: int, device: torch.device | str | None = Non
     if lo < 0 or hi >= n:
         raise ValueError(f"indices must lie in [0, {n - 1}] for a population of {n} members, got {lo}..{hi}")
     return index.to(device=device, dtype=torch.long)
+
+
+def as_mask(mask: Tensor | Sequence[bool], n: int, device: torch.device | str | None = None) -> Tensor:
+    """Validate a per-member step mask (``[n]`` bools) and return it as a bool tensor on ``device``."""
+    values = mask if isinstance(mask, Tensor) else torch.as_tensor(list(mask))
+    if values.dtype != torch.bool:
+        raise TypeError(f"mask must hold bools (one per member), got dtype {values.dtype}")
+    if values.shape != (n,):
+        raise ValueError(f"mask must have one entry per member (shape ({n},)), got shape {tuple(values.shape)}")
+    return values.to(device)
+
+
+def _member_factors(name: str, value: float | Sequence[float] | Tensor, n: int) -> Tensor:
+    """A float or one float per member as an ``[n]`` float32 tensor (CPU); all >= 0."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number or one number per member, got a bool")
+    values = torch.as_tensor(value, dtype=torch.float32).detach().cpu()
+    if values.dim() == 0:
+        values = values.expand(n)
+    if values.shape != (n,):
+        raise ValueError(f"{name} must be a float or have one value per member (length {n}), got shape {tuple(values.shape)}")
+    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+        raise ValueError(f"{name} must be finite and >= 0 for every member, got {values.tolist()}")
+    return values.clone()
 
 
 def _named_tensors(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -185,6 +209,19 @@ class Population:
         self.ids = self.ids.index_select(0, index.cpu())
         return self
 
+    def spawn(self, indices: IndexLike, copies: int = 2) -> Population:
+        """Replace the population by ``copies`` consecutive copies of each member in ``indices``.
+
+        ``[a, b]`` with ``copies=2`` gives ``[a, a, b, b]``. The copies then go their own way
+        (their own data order, dropout masks, hyperparameters). With a trainer use
+        ``trainer.select(spawn_indices(indices, copies, n))`` so optimizer state follows. Returns ``self``.
+        """
+        return self.select(spawn_indices(indices, copies, self.n))
+
+    def repeat(self, copies: int) -> Population:
+        """Every member ``copies`` times in a row (``spawn`` of all members). Returns ``self``."""
+        return self.spawn(range(self.n), copies)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Population:
         """Move every stack to ``device`` and floating-point stacks to ``dtype``, in place."""
 
@@ -267,6 +304,76 @@ class Population:
         return fn(self.params, self.buffers, x)
 
     __call__ = forward
+
+    # ------------------------------------------------------------------ shrink and perturb
+    @torch.no_grad()
+    def shrink_perturb(
+        self,
+        lam: float | Sequence[float] | Tensor,
+        sigma: float | Sequence[float] | Tensor,
+        seed: int | None = None,
+        model_fn: Callable[[], nn.Module] | None = None,
+    ) -> Population:
+        """Shrink and perturb (Ash & Adams 2020) in place: ``w <- lam[i] * w + sigma[i] * noise_i``.
+
+        ``lam`` and ``sigma`` are floats or one value per member (>= 0), so a lam x sigma sweep is
+        one stack. ``noise_i`` is a fresh initialization of the same architecture: with
+        ``model_fn`` it is exactly ``torch.manual_seed(seed + i); model_fn()`` (the parameters
+        member i of ``Population.from_factory(model_fn, n, seed)`` would start from); without it,
+        every submodule's ``reset_parameters()`` is run, in module order, on a materialized copy of
+        the skeleton under ``torch.manual_seed(seed + i)`` (same distribution as a fresh build,
+        and for the standard layers the same values; a parameter no ``reset_parameters`` covers
+        raises, pass ``model_fn`` then). ``seed=None`` draws a seed from the global torch RNG.
+        Only trainable parameters change; buffers (BatchNorm statistics) and frozen parameters are
+        kept. One broadcasted in-place update per stacked tensor; the global RNG is restored.
+        Returns ``self``.
+        """
+        n = self.n
+        lam_v, sigma_v = _member_factors("lam", lam, n), _member_factors("sigma", sigma, n)
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()))
+        noise = self._fresh_init(seed, model_fn)
+        for name in self.trainable:
+            w = self.params[name]
+            shape = (n, *([1] * (w.dim() - 1)))
+            lam_b = lam_v.to(w.device, w.dtype).view(shape)
+            sigma_b = sigma_v.to(w.device, w.dtype).view(shape)
+            w.mul_(lam_b).addcmul_(noise[name].to(w.device, w.dtype), sigma_b)
+        return self
+
+    def _fresh_init(self, seed: int, model_fn: Callable[[], nn.Module] | None) -> dict[str, Tensor]:
+        """Stacked trainable parameters of a fresh initialization: member i seeded with ``seed + i``."""
+        if model_fn is not None:
+            fresh = Population.from_factory(model_fn, self.n, seed)
+            problem = architecture_mismatch(self.skeleton, fresh.skeleton)
+            if problem:
+                raise ValueError(f"model_fn must build the population's architecture: {problem}")
+            return {k: fresh.params[k] for k in self.trainable}
+        module = copy.deepcopy(self.skeleton).to_empty(device="cpu")
+        resets = [m for m in module.modules() if callable(getattr(m, "reset_parameters", None))]
+        covered = {id(p) for m in resets for p in m.parameters(recurse=False)}
+        missing = [k for k, p in module.named_parameters() if k in self.trainable and id(p) not in covered]
+        if missing:
+            raise ValueError(
+                f"no reset_parameters() initializes {missing}: pass model_fn to shrink_perturb for the noise initialization"
+            )
+        stacks: dict[str, list[Tensor]] = {k: [] for k in self.trainable}
+        with torch.random.fork_rng(devices=[]):
+            for member_seed in member_seeds(seed, self.n):
+                torch.manual_seed(member_seed)
+                for m in resets:
+                    m.reset_parameters()
+                named = dict(module.named_parameters())
+                for k in self.trainable:
+                    stacks[k].append(named[k].detach().clone())
+        return {k: torch.stack(v) for k, v in stacks.items()}
+
+
+def spawn_indices(indices: IndexLike, copies: int, n: int) -> Tensor:
+    """Positions selecting ``copies`` consecutive copies of each of ``indices`` (members of ``n``)."""
+    if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
+        raise ValueError(f"copies must be an integer >= 1, got {copies!r}")
+    return as_index(list(indices) if not isinstance(indices, Tensor) else indices, n).repeat_interleave(copies)
 
 
 def check_batch(x: Tensor, n: int, per_member: bool, name: str) -> None:

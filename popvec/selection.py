@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-__all__ = ["MetricsTable", "SelectionPolicy", "SuccessiveHalving", "rank", "elimination_schedule"]
+__all__ = ["MetricsTable", "SelectionPolicy", "SuccessiveHalving", "Decision", "as_decision", "rank", "elimination_schedule"]
 
 
 @dataclass
@@ -21,6 +21,8 @@ class MetricsTable:
     ids: list[int]
     columns: dict[str, list[float]] = field(default_factory=dict)
     step: int = 0
+    #: each member's current hyperparameters by name (optimizer and loss), for policies that edit them (PBT)
+    hparams: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, values in self.columns.items():
@@ -59,6 +61,35 @@ class SelectionPolicy(Protocol):
     def decide(self, table: MetricsTable) -> list[int]:
         """Positions of the members to keep (repeats copy a member)."""
         ...
+
+
+@dataclass
+class Decision:
+    """A policy's full answer; ``decide`` may return this or just the list of positions to keep.
+
+    ``keep``: positions to keep (repeats copy a member: weights, optimizer state, hyperparameters).
+    ``hparams``: ``{name: {new_position: value}}`` set after the selection (PBT's explore).
+    ``ids``: the member id of each new position (default: the id of the member it came from; PBT
+    gives a recipient its own id back). ``reasons``: ``{member_id: why}`` for members eliminated
+    for a reason worth recording (early stopping, rung pruning). ``events``: free-form records kept
+    in the round (PBT lineage).
+    """
+
+    keep: list[int]
+    hparams: dict[str, dict[int, float]] = field(default_factory=dict)
+    ids: list[int] | None = None
+    reasons: dict[int, str] = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.keep = [int(p) for p in self.keep]
+        if self.ids is not None and len(self.ids) != len(self.keep):
+            raise ValueError(f"ids must have one entry per kept position ({len(self.keep)}), got {len(self.ids)}")
+
+
+def as_decision(answer: Decision | list[int]) -> Decision:
+    """A policy's answer (a :class:`Decision` or a list of positions) as a :class:`Decision`."""
+    return answer if isinstance(answer, Decision) else Decision(list(answer))
 
 
 def elimination_schedule(num_models: int, reduce_factor: float) -> list[int]:

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from popvec import optim
 from popvec.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from popvec.engine import LossFn, TrainStep, evaluate
-from popvec.population import IndexLike, Population, as_index
+from popvec.population import IndexLike, Population, as_index, as_mask
 from popvec.report import make_progress, round_table
-from popvec.selection import MetricsTable, SelectionPolicy, SuccessiveHalving, check_reduce_factor
+from popvec.selection import Decision, MetricsTable, SelectionPolicy, SuccessiveHalving, as_decision, check_reduce_factor
 from popvec.sources import BatchSource, as_source
 
 __all__ = ["PopulationTrainer", "MultipleInitializationsTrainer", "CHECKPOINT_NAME"]
@@ -49,6 +49,7 @@ class PopulationTrainer:
         progress: bool = True,
         cuda_graph: bool | None = None,
         member_chunk_size: int | None = None,
+        loss_hparams: dict[str, optim.HParam] | None = None,
     ) -> None:
         if optimizer.population is not population:
             raise ValueError("optimizer must be built on the same population the trainer trains")
@@ -67,14 +68,47 @@ class PopulationTrainer:
         self.history: dict[str, Any] = {"rounds": [], "cost": {}}
         self._source: BatchSource | None = None
         self._pending_source_state: dict[str, Any] | None = None
+        #: print each decision round's table (search runners print their own summary instead)
+        self.print_rounds = True
+        for name, values in (loss_hparams or {}).items():
+            self._train_step.loss_hparams[name] = optim.as_member_values(name, values, population.n, population.device)
+
+    # ------------------------------------------------------------------ hyperparameters
+    @property
+    def loss_hparams(self) -> dict[str, Tensor]:
+        """Per-member loss hyperparameters (``[N]`` tensors), passed to ``loss_fn`` as keywords."""
+        return self._train_step.loss_hparams
+
+    def hparams(self) -> dict[str, Tensor]:
+        """Every per-member hyperparameter by name: the optimizer's and the loss function's (``[N]`` each)."""
+        return {**getattr(self.optimizer, "hparams", {}), **self.loss_hparams}
+
+    def set_hparam(self, name: str, values: optim.HParam) -> None:
+        """Replace hyperparameter ``name`` (a float or one value per member) of the optimizer or the loss."""
+        if name in self.loss_hparams:
+            self.loss_hparams[name] = optim.as_member_values(name, values, self.population.n, self.population.device)
+        elif name in getattr(self.optimizer, "hparams", {}):
+            self.optimizer.set_hparam(name, values)
+        else:
+            raise ValueError(f"name must be one of {sorted(self.hparams())}, got {name!r}")
 
     # ------------------------------------------------------------------ primitives
-    def step(self, x: Tensor, y: Tensor, per_member: bool = False) -> Tensor:
-        """One update of every member on ``x``: ``[B, ...]`` shared or ``[N, B, ...]``; losses ``[N]``."""
-        losses = self._train_step(x, y, per_member)
+    def step(self, x: Tensor, y: Tensor, per_member: bool = False, mask: Tensor | None = None) -> Tensor:
+        """One update of every member on ``x``: ``[B, ...]`` shared or ``[N, B, ...]``; losses ``[N]``.
+
+        ``mask`` (``[N]`` bools): only members marked True update; the others stay exactly as they
+        were (parameters, buffers, optimizer state); the cost counters count the active ones.
+        """
+        if mask is None:
+            losses = self._train_step(x, y, per_member)
+            active = self.population.n
+        else:
+            mask = as_mask(mask, self.population.n, self.population.device)
+            losses = self._train_step(x, y, per_member, mask=mask)
+            active = int(mask.sum())
         self.global_step += 1
-        self.member_steps += self.population.n
-        self.samples_seen += self.population.n * int(y.shape[-1])
+        self.member_steps += active
+        self.samples_seen += active * int(y.shape[-1])
         return losses
 
     def evaluate(self, data: Any, y: Tensor | None = None, batch_size: int | None = None) -> dict[str, Tensor]:
@@ -90,6 +124,9 @@ class PopulationTrainer:
         self.optimizer.select(index)
         if self._source is not None:
             self._source.select(index)
+        for name, values in self.loss_hparams.items():
+            self.loss_hparams[name] = values.index_select(0, index)
+        self._train_step.grad_norm_max = None
 
     # ------------------------------------------------------------------ the loop
     def fit(
@@ -123,6 +160,8 @@ class PopulationTrainer:
         with progress:
             task = progress.add_task("training", total=steps, completed=self.global_step, loss="-")
             while self.global_step < steps:
+                if getattr(policy, "needs_grad_norm", False):
+                    self._train_step.track_grad_norm = True
                 decision = policy.next_decision(self.global_step, self.population.n) if policy else None
                 stop = steps if decision is None else min(decision, steps)
                 self.console.print(f"Training {self.population.n} model(s) for {stop - self.global_step} steps")
@@ -154,11 +193,17 @@ class PopulationTrainer:
         columns = {"val_loss": metrics["loss"].tolist(), "val_accuracy": metrics["accuracy"].tolist()}
         if train_loss is not None:
             columns = {"train_loss": train_loss.tolist(), **columns}
-        return MetricsTable(self.population.ids.tolist(), columns, step=self.global_step)
+        if self._train_step.track_grad_norm and self._train_step.grad_norm_max is not None:
+            columns["grad_norm_max"] = self._train_step.grad_norm_max.tolist()  # since the last decision
+            self._train_step.grad_norm_max = None
+        hparams = {k: v.tolist() for k, v in self.hparams().items()}
+        return MetricsTable(self.population.ids.tolist(), columns, step=self.global_step, hparams=hparams)
 
     def _decide(self, policy: SelectionPolicy, val_data: Any, train_loss: Tensor) -> dict[str, Any]:
         table = self.metrics_table(val_data, train_loss)
-        keep = policy.decide(table)
+        answer = policy.decide(table)
+        decision = as_decision(answer)
+        keep = decision.keep
         kept = set(keep)
         record = {
             "round": len(self.history["rounds"]) + 1,
@@ -167,12 +212,34 @@ class PopulationTrainer:
             "kept_ids": [table.ids[p] for p in keep],
             "member_steps": self.member_steps,
         }
+        if isinstance(answer, Decision):  # the richer answer: hyperparameters, reasons and events are recorded
+            for p, row in enumerate(record["members"]):
+                row["hparams"] = {k: v[p] for k, v in table.hparams.items()}
+                if table.ids[p] in decision.reasons and not row["kept"]:
+                    row["reason"] = decision.reasons[table.ids[p]]
+            record["events"] = decision.events
         self.history["rounds"].append(record)
         self.select(keep)
-        self.console.print(round_table(record))
+        self.apply_decision(decision)
+        if isinstance(answer, Decision):
+            record["kept_ids"] = self.population.ids.tolist()
+            record["hparams_after"] = {k: v.tolist() for k, v in self.hparams().items()}
+        if self.print_rounds:
+            self.console.print(round_table(record))
         if len(keep) < len(table):
             self.console.print(f"Eliminated poor performers. Remaining models: {len(keep)}")
         return record
+
+    def apply_decision(self, decision: Decision) -> None:
+        """After ``select(decision.keep)``: set the new positions' ids and hyperparameter updates."""
+        if decision.ids is not None:
+            self.population.ids = torch.as_tensor(decision.ids, dtype=torch.long)
+        for name, updates in decision.hparams.items():
+            if updates:
+                values = self.hparams()[name].detach().cpu().clone()
+                for position, value in updates.items():
+                    values[position] = value
+                self.set_hparam(name, values)
 
     def _record_cost(self, steps: int) -> None:
         naive = self.initial_n * steps
@@ -193,6 +260,7 @@ class PopulationTrainer:
             "source": self._source.state_dict() if self._source is not None else None,
             "rng": rng_state(),
             "history": self.history,
+            "loss_hparams": dict(self.loss_hparams),
             "counters": {
                 "global_step": self.global_step,
                 "member_steps": self.member_steps,
@@ -213,6 +281,8 @@ class PopulationTrainer:
         self.samples_seen = int(counters["samples_seen"])
         self.wall_time = float(counters["wall_time"])
         self.initial_n = int(counters["initial_n"])
+        for name, values in state.get("loss_hparams", {}).items():
+            self.loss_hparams[name] = values.to(self.population.device)
         self._pending_source_state = state["source"]
         set_rng_state(state["rng"])
 

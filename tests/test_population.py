@@ -400,3 +400,21 @@ def test_member_follows_dtype_of_loaded_state() -> None:
     for k, t in m.state_dict().items():
         stack = src.params[k] if k in src.params else src.buffers[k]
         assert t.dtype == stack.dtype and torch.equal(t, stack[3])
+
+
+def test_spawn_and_repeat_copy_members_consecutively() -> None:
+    from popvec.population import spawn_indices
+
+    pop = Population.from_factory(tiny_mlp, 3, seed=5)
+    originals = {k: v.clone() for k, v in pop.params.items()}
+    pop.spawn([2, 0], copies=2)
+    assert pop.ids.tolist() == [2, 2, 0, 0]
+    for k, v in pop.params.items():
+        assert torch.equal(v, originals[k][torch.tensor([2, 2, 0, 0])])
+    pop.repeat(3)
+    assert pop.ids.tolist() == [2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0]
+    assert spawn_indices(range(2), 1, 2).tolist() == [0, 1]
+    with pytest.raises(ValueError, match="copies"):
+        pop.spawn([0], copies=0)
+    with pytest.raises(ValueError, match="indices"):
+        pop.spawn([99])

@@ -1,0 +1,333 @@
+"""Linear mode connectivity: vmapped curves vs one-network-per-alpha references, BatchNorm
+recomputation, barrier matrices, spawning (instability analysis), bad input, and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import IN_SHAPE, NUM_CLASSES, tiny_cnn, tiny_mlp, tiny_mlp_dropout
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import popvec
+from popvec import Population, cli, lmc
+from popvec.data import DeviceLoader, TensorSplit
+from popvec.engine import TrainStep
+from popvec.models import MLP, build_model
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def synthetic(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *IN_SHAPE, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g)
+
+
+DATA = synthetic(96, 0)
+BN_DATA = synthetic(64, 1)
+
+
+def trained_pair(model_fn: Callable[[], nn.Module], steps: int = 8) -> Population:
+    """Two members from different inits, a few SGD steps each (BatchNorm statistics move too)."""
+    pop = Population.from_factory(model_fn, 2, seed=3)
+    step = TrainStep(pop, popvec.optim.SGD(pop, lr=0.2, momentum=0.9))
+    x, y = synthetic(32 * steps, 2)
+    for xb, yb in zip(x.split(32), y.split(32)):
+        step(xb, yb)
+    return pop
+
+
+@pytest.fixture(scope="module")
+def mlp_pair() -> Population:
+    return trained_pair(tiny_mlp)
+
+
+@pytest.fixture(scope="module")
+def cnn_pair() -> Population:
+    return trained_pair(tiny_cnn)
+
+
+# --------------------------------------------------------------------------- references
+def batchnorms(model: nn.Module) -> list[_BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
+@torch.no_grad()
+def loss_and_error(model: nn.Module, data: tuple[Tensor, Tensor]) -> tuple[float, float]:
+    model.eval()
+    out = model(data[0])
+    return float(F.cross_entropy(out, data[1])), float((out.argmax(1) != data[1]).float().mean())
+
+
+@torch.no_grad()
+def reference_curve(a: nn.Module, b: nn.Module, alphas: Tensor, bn_data: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """One nn.Module per alpha (textbook formula, load_state_dict), evaluated with plain PyTorch.
+
+    With ``bn_data``: reset running statistics, then PyTorch's cumulative averaging (momentum=None)
+    over ``bn_data`` in batches of 16, BatchNorm in train mode and everything else in eval mode.
+    """
+    sa, sb = a.state_dict(), b.state_dict()
+    losses, errors = [], []
+    for alpha in alphas.tolist():
+        model = copy.deepcopy(a)
+        model.load_state_dict({k: (1 - alpha) * v + alpha * sb[k] if v.is_floating_point() else v for k, v in sa.items()})
+        if bn_data is not None:
+            model.eval()
+            for bn in batchnorms(model):
+                bn.reset_running_stats()
+                bn.momentum = None
+                bn.train()
+            for x in bn_data[0].split(16):
+                model(x)
+        loss, error = loss_and_error(model, DATA)
+        losses.append(loss)
+        errors.append(error)
+    return torch.tensor(losses), torch.tensor(errors)
+
+
+# --------------------------------------------------------------------------- curves
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn"])
+def test_endpoints_equal_each_network_alone_and_gap_is_zero_there(name: str, mlp_pair: Population, cnn_pair: Population) -> None:
+    pop = mlp_pair if name == "mlp" else cnn_pair
+    res = lmc.interpolate((pop, 0), (pop, 1), DATA, alphas=7, bn="keep")
+    for end, member in ((0, 0), (-1, 1)):
+        loss, error = loss_and_error(pop.member(member), DATA)
+        assert res.loss[end].item() == pytest.approx(loss, abs=1e-5)
+        assert res.error[end].item() == pytest.approx(error, abs=1e-6)
+        assert res.loss_gap[end] == 0 and res.error_gap[end] == 0
+    assert res.loss_barrier == pytest.approx(float(res.loss_gap[1:-1].max()))  # the ends (gap 0) are left out
+
+
+def test_identical_endpoints_give_a_flat_curve_and_zero_barrier(cnn_pair: Population) -> None:
+    model = cnn_pair.member(0)
+    res = lmc.interpolate(model, copy.deepcopy(model), DATA, alphas=9, bn_data=BN_DATA)
+    torch.testing.assert_close(res.loss, res.loss[:1].expand(9), rtol=0, atol=1e-6)
+    assert abs(res.loss_barrier) <= 1e-6 and abs(res.error_barrier) <= 1e-6 and res.l2 == 0.0
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.integers(0, 20), min_size=1, max_size=6, unique=True))
+def test_swapping_a_and_b_reverses_the_curve(mlp_pair: Population, steps: list[int]) -> None:
+    alphas = torch.tensor(sorted(steps)) / 20
+    forward = lmc.interpolate((mlp_pair, 0), (mlp_pair, 1), DATA, alphas=alphas)
+    backward = lmc.interpolate((mlp_pair, 1), (mlp_pair, 0), DATA, alphas=(1 - alphas).flip(0))
+    for field in ("loss", "error", "loss_gap", "error_gap"):
+        torch.testing.assert_close(getattr(backward, field), getattr(forward, field).flip(0), **TOL)
+    assert backward.loss_barrier == pytest.approx(forward.loss_barrier, abs=1e-5)
+    assert backward.l2 == pytest.approx(forward.l2)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn"])
+def test_vmapped_curve_equals_one_network_per_alpha(name: str, mlp_pair: Population, cnn_pair: Population) -> None:
+    pop = mlp_pair if name == "mlp" else cnn_pair
+    a, b = pop.member(0), pop.member(1)
+    res = lmc.interpolate(a, b, DATA, alphas=11, bn="keep", batch_size=40, member_chunk_size=4)
+    loss, error = reference_curve(a, b, res.alphas)
+    torch.testing.assert_close(res.loss, loss, **TOL)
+    torch.testing.assert_close(res.error, error, **TOL)
+    gap = loss - ((1 - res.alphas) * loss[0] + res.alphas * loss[-1])
+    torch.testing.assert_close(res.loss_gap, gap, **TOL)
+    assert res.loss_barrier == pytest.approx(float(gap[1:-1].max()), abs=1e-5)
+    l2 = torch.cat([(pa - pb).detach().flatten() for pa, pb in zip(a.parameters(), b.parameters())]).norm()
+    assert res.l2 == pytest.approx(float(l2), rel=1e-6)
+
+
+def test_recompute_equals_sequential_recompute_and_differs_from_keep(cnn_pair: Population) -> None:
+    a, b = cnn_pair.member(0), cnn_pair.member(1)
+    batches = list(zip(*(t.split(16) for t in BN_DATA)))  # an iterable of training batches
+    res = lmc.interpolate(a, b, DATA, alphas=9, bn_data=batches, member_chunk_size=4)  # bn="auto" -> recompute
+    assert res.bn == "recompute"
+    loss, error = reference_curve(a, b, res.alphas, bn_data=BN_DATA)
+    torch.testing.assert_close(res.loss, loss, **TOL)
+    torch.testing.assert_close(res.error, error, **TOL)
+    keep = lmc.interpolate(a, b, DATA, alphas=9, bn="keep")
+    assert (res.loss - keep.loss).abs().max() > 1e-3
+
+
+def test_recompute_batchnorm_is_cumulative_average_of_batch_statistics(cnn_pair: Population) -> None:
+    buffers = lmc.recompute_batchnorm(cnn_pair, BN_DATA, batch_size=16)
+    conv = cnn_pair.member(1).conv
+    with torch.no_grad():
+        feats = [conv(x) for x in BN_DATA[0].split(16)]
+    mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+    var = torch.stack([f.var((0, 2, 3), unbiased=True) for f in feats]).mean(0)
+    torch.testing.assert_close(buffers["bn.running_mean"][1], mean, **TOL)
+    torch.testing.assert_close(buffers["bn.running_var"][1], var, **TOL)
+    assert buffers["bn.num_batches_tracked"].tolist() == [4, 4]
+
+
+# --------------------------------------------------------------------------- barrier matrix
+def test_barrier_matrix_is_symmetric_with_zero_diagonal_and_matches_interpolate() -> None:
+    pop = Population.from_factory(tiny_cnn, 4, seed=0)
+    matrix = lmc.barrier_matrix(pop, DATA, alphas=5, bn_data=BN_DATA, pair_chunk_size=4, batch_size=16)
+    for values in (matrix.loss, matrix.error, matrix.l2):
+        assert values.shape == (4, 4)
+        torch.testing.assert_close(values, values.T, rtol=0, atol=0)
+        assert bool((values.diagonal() == 0).all())
+    for i, j in ((0, 1), (1, 3), (2, 3)):
+        res = lmc.interpolate((pop, i), (pop, j), DATA, alphas=5, bn_data=BN_DATA, batch_size=16)
+        assert matrix.loss[i, j].item() == pytest.approx(res.loss_barrier, abs=1e-5)
+        assert matrix.error[i, j].item() == pytest.approx(res.error_barrier, abs=1e-6)
+        assert matrix.l2[i, j].item() == pytest.approx(res.l2, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- spawning
+def sgd(pop: Population) -> popvec.optim.SGD:
+    return popvec.optim.SGD(pop, lr=0.1, momentum=0.9)
+
+
+TRAIN = TensorSplit(*synthetic(128, 5))
+
+
+def test_copies_with_the_same_order_and_no_dropout_stay_identical() -> None:
+    same = lmc.instability(tiny_mlp, sgd, TRAIN, [0, 3], k2=6, batch_size=16, eval_data=DATA, copy_seeds=[7, 7], alphas=3)
+    for g in range(2):
+        for stack in same.branches.params.values():
+            assert torch.equal(stack[2 * g], stack[2 * g + 1])
+    assert same.l2.tolist() == [0.0, 0.0] and same.loss_barrier.abs().max() <= 1e-6
+    different = lmc.instability(tiny_mlp, sgd, TRAIN, [0, 3], k2=6, batch_size=16, eval_data=DATA, copy_seeds=[7, 8], alphas=3)
+    assert bool((different.l2 > 1e-3).all())
+
+
+def test_dropout_masks_differ_between_copies() -> None:
+    res = lmc.instability(tiny_mlp_dropout, sgd, TRAIN, [2], k2=4, batch_size=16, eval_data=DATA, copy_seeds=[7, 7], alphas=3)
+    assert res.l2.item() > 1e-4
+
+
+def test_branches_resume_the_trunk_weights_and_optimizer_state(tmp_path: Path) -> None:
+    """Copy c of k1 equals one model: k1 steps on the trunk's order, then k2 on seed copy_seeds[c]."""
+    k1, k2, seeds = [0, 4], 3, [11, 12]
+    res = lmc.instability(tiny_mlp, sgd, TRAIN, k1, k2, batch_size=16, seed=5, eval_data=DATA, copy_seeds=seeds, run_dir=tmp_path, alphas=3)
+    torch.manual_seed(5)
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    trunk = DeviceLoader(TRAIN, 16, seed=5)
+
+    def train(m: nn.Module, o: torch.optim.Optimizer, loader: DeviceLoader, steps: int) -> None:
+        for _ in range(steps):
+            x, y = loader.next_batch()
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+
+    done = 0
+    for g, k in enumerate(k1):
+        train(model, opt, trunk, k - done)
+        done = k
+        saved = torch.load(tmp_path / f"trunk_k1_{k}.pt", weights_only=True)
+        assert saved["k1"] == k
+        for c, seed in enumerate(seeds):
+            branch_model, branch_opt = copy.deepcopy((model, opt))
+            train(branch_model, branch_opt, DeviceLoader(TRAIN, 16, seed=seed), k2)
+            member = dict(branch_model.named_parameters())
+            for name, stack in res.branches.params.items():
+                torch.testing.assert_close(stack[g * 2 + c], member[name].detach(), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "alphas, match",
+    [(1, "alphas"), ([], "alphas"), ([[0.0, 1.0]], "alphas"), ([-0.1, 0.5], r"alphas must lie in \[0, 1\]"),
+     ([0.0, 1.5], r"alphas must lie in \[0, 1\]"), ([0.0, 0.7, 0.3], "alphas must be strictly increasing"),
+     ([0.2, 0.2], "alphas must be strictly increasing"), ([float("nan")], "alphas")],
+)
+def test_bad_alphas(alphas: object, match: str, mlp_pair: Population) -> None:
+    with pytest.raises(ValueError, match=match):
+        lmc.interpolate((mlp_pair, 0), (mlp_pair, 1), DATA, alphas=alphas)  # type: ignore[arg-type]
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=8))
+def test_as_alphas_accepts_exactly_increasing_values_in_unit_interval(values: list[float]) -> None:
+    ok = all(0 <= v <= 1 for v in values) and all(x < y for x, y in itertools.pairwise(values))
+    if ok:
+        assert lmc.as_alphas(values).tolist() == pytest.approx(values)
+    else:
+        with pytest.raises(ValueError, match="alphas"):
+            lmc.as_alphas(values)
+
+
+def test_bad_endpoints_and_options(mlp_pair: Population, cnn_pair: Population) -> None:
+    with pytest.raises(ValueError, match="b must have the same architecture as a"):
+        lmc.interpolate(MLP(64, (32,), 3), MLP(64, (16,), 3), DATA)
+    with pytest.raises(ValueError, match="b must have the same architecture as a"):
+        lmc.interpolate((mlp_pair, 0), (cnn_pair, 0), DATA)
+    with pytest.raises(TypeError, match="b must be an nn.Module"):
+        lmc.interpolate((mlp_pair, 0), "model.pt", DATA)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bn_data"):
+        lmc.interpolate((cnn_pair, 0), (cnn_pair, 1), DATA)
+    with pytest.raises(ValueError, match="bn must be one of"):
+        lmc.interpolate((cnn_pair, 0), (cnn_pair, 1), DATA, bn="fresh")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least 2 members"):
+        lmc.barrier_matrix(Population.from_factory(tiny_mlp, 1), DATA)
+    with pytest.raises(ValueError, match="pair_chunk_size"):
+        lmc.barrier_matrix(mlp_pair, DATA, pair_chunk_size=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [({"k1_values": []}, ValueError, "k1_values"), ({"k1_values": [0, -1]}, ValueError, "k1_values"),
+     ({"k1_values": [3, 3]}, ValueError, "k1_values"), ({"copies": 1}, ValueError, "copies"),
+     ({"copy_seeds": [1, 2, 3]}, ValueError, "copy_seeds"), ({"k2": -1}, ValueError, "k2"),
+     ({"optimizer_fn": lambda pop: popvec.optim.from_torch(pop, lambda p: torch.optim.SGD(p, lr=0.1))}, TypeError, "popvec optimizer")],
+)
+def test_bad_instability_arguments(kwargs: dict, error: type, match: str) -> None:
+    args = {"model_fn": tiny_mlp, "optimizer_fn": sgd, "data": TRAIN, "k1_values": [0], "k2": 1, **kwargs}
+    with pytest.raises(error, match=match):
+        lmc.instability(**args)
+
+
+# --------------------------------------------------------------------------- results and CLI
+def test_results_to_json_and_png(tmp_path: Path, mlp_pair: Population) -> None:
+    pytest.importorskip("matplotlib")
+    res = lmc.interpolate((mlp_pair, 0), (mlp_pair, 1), DATA, alphas=5)
+    blob = json.loads(json.dumps(res.to_dict()))
+    assert blob["alphas"] == pytest.approx([0, 0.25, 0.5, 0.75, 1]) and blob["bn"] == "keep"
+    assert res.plot(tmp_path / "curve.png").stat().st_size > 1000
+
+
+def save_mlp(path: Path, seed: int, hidden: tuple[int, ...] = (256, 256)) -> None:
+    torch.manual_seed(seed)
+    torch.save(build_model("mlp", (1, 8, 8), 10, hidden=hidden).state_dict(), path)
+
+
+def test_cli_lmc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    save_mlp(tmp_path / "a.pt", 0)
+    save_mlp(tmp_path / "b.pt", 1)
+    out = tmp_path / "lmc"
+    args = ["lmc", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--model", "mlp", "--alphas", "5", "--out", str(out), "--device", "cpu"]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "loss barrier" in text and "error barrier" in text
+    curve = json.loads((out / "lmc.json").read_text())
+    assert len(curve["loss"]) == 5 and curve["split"] == "test"
+    save_mlp(tmp_path / "c.pt", 2, hidden=(32,))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["lmc", str(tmp_path / "a.pt"), str(tmp_path / "c.pt"), "--model", "mlp", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_instability(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "inst"
+    args = ["instability", "--model", "mlp", "--k1", "0,5", "--k2", "5", "--alphas", "3", "--out", str(out), "--device", "cpu", "--no-progress"]
+    assert cli.main(args) == 0
+    assert "error barrier" in capsys.readouterr().out
+    result = json.loads((out / "instability.json").read_text())
+    assert [row["k1"] for row in result["rows"]] == [0, 5]
+    assert (out / "trunk_k1_0.pt").is_file() and (out / "trunk_k1_5.pt").is_file()
+    for bad in (["--k1", "0,x"], ["--k1", "0,-5"], ["--copies", "1"], ["--k2", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["instability", "--model", "mlp", "--k2", "5", "--out", str(out), *bad])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.count("\n") == 1

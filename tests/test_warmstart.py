@@ -1,0 +1,291 @@
+"""Shrink-and-perturb, the warm-starting study runner and the ``popvec warmstart`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import tiny_cnn, tiny_mlp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from popvec import Population, cli
+from popvec.data import TensorSplit
+from popvec.warmstart import Arm, phase_sizes, run_study
+from popvec.warmstart_cli import build_arms
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 4
+SEED = 3
+
+
+def stacks(pop: Population) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in [*pop.params.items(), *pop.buffers.items()]}
+
+
+# --------------------------------------------------------------------------- shrink_perturb
+@pytest.mark.parametrize("model_fn", [tiny_mlp, tiny_cnn])
+@pytest.mark.parametrize("use_model_fn", [True, False])
+def test_identity_is_bit_exact(model_fn: Any, use_model_fn: bool) -> None:
+    pop = Population.from_factory(model_fn, N, seed=SEED)
+    before = stacks(pop)
+    pop.shrink_perturb(1.0, 0.0, seed=99, model_fn=model_fn if use_model_fn else None)
+    for k, v in stacks(pop).items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("model_fn", [tiny_mlp, tiny_cnn])
+@pytest.mark.parametrize("use_model_fn", [True, False])
+def test_lam0_sigma1_is_exactly_the_noise_initialization(model_fn: Any, use_model_fn: bool) -> None:
+    """Noise member i == torch.manual_seed(seed + i); model_fn() (also via reset_parameters on the skeleton)."""
+    pop = Population.from_factory(model_fn, N, seed=SEED)
+    buffers = {k: v.clone() for k, v in pop.buffers.items()}
+    pop.shrink_perturb(0.0, 1.0, seed=99, model_fn=model_fn if use_model_fn else None)
+    fresh = Population.from_factory(model_fn, N, seed=99)
+    for k in pop.params:
+        assert torch.equal(pop.params[k], fresh.params[k]), k
+    for k, v in pop.buffers.items():  # buffers are not perturbed
+        assert torch.equal(v, buffers[k]), k
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.lists(st.floats(0, 2, allow_nan=False), min_size=N, max_size=N),
+    st.lists(st.floats(0, 2, allow_nan=False), min_size=N, max_size=N),
+    st.integers(0, 1000),
+)
+def test_per_member_lam_sigma_apply_to_the_right_members(lam: list[float], sigma: list[float], seed: int) -> None:
+    pop = Population.from_factory(tiny_mlp, N, seed=SEED)
+    before = stacks(pop)
+    pop.shrink_perturb(lam, sigma, seed=seed)
+    noise = Population.from_factory(tiny_mlp, N, seed=seed)
+    for k, v in pop.params.items():
+        for i in range(N):
+            expected = lam[i] * before[k][i] + sigma[i] * noise.params[k][i]
+            torch.testing.assert_close(v[i], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_seed_none_draws_from_global_rng_and_frozen_params_kept() -> None:
+    pop = Population.from_factory(tiny_mlp, N, seed=SEED)
+    pop.trainable = ("fc2.weight", "fc2.bias")
+    before = stacks(pop)
+    torch.manual_seed(0)
+    pop.shrink_perturb(0.5, 0.1)
+    assert torch.equal(pop.params["fc1.weight"], before["fc1.weight"])
+    assert not torch.equal(pop.params["fc2.weight"], before["fc2.weight"])
+    again = Population.from_factory(tiny_mlp, N, seed=SEED)
+    again.trainable = ("fc2.weight", "fc2.bias")
+    torch.manual_seed(0)
+    again.shrink_perturb(0.5, 0.1)
+    assert torch.equal(again.params["fc2.weight"], pop.params["fc2.weight"])
+
+
+class NoReset(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"lam": -0.1, "sigma": 0.0}, ValueError, "lam must be finite and >= 0"),
+        ({"lam": 1.0, "sigma": -1e-3}, ValueError, "sigma must be finite and >= 0"),
+        ({"lam": [1.0] * (N + 1), "sigma": 0.0}, ValueError, r"lam must be a float or have one value per member \(length 4\)"),
+        ({"lam": 1.0, "sigma": [0.1, -0.1, 0.0, 0.0]}, ValueError, "sigma must be finite and >= 0"),
+        ({"lam": float("nan"), "sigma": 0.0}, ValueError, "lam must be finite"),
+        ({"lam": True, "sigma": 0.0}, TypeError, "lam must be a number"),
+        ({"lam": 1.0, "sigma": 0.1, "model_fn": lambda: nn.Linear(3, 3)}, ValueError, "model_fn must build the population's architecture"),
+    ],
+)
+def test_shrink_perturb_bad_input(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    pop = Population.from_factory(tiny_mlp, N, seed=SEED)
+    with pytest.raises(error, match=match):
+        pop.shrink_perturb(**kwargs)
+
+
+def test_no_reset_parameters_needs_model_fn() -> None:
+    pop = Population.from_factory(NoReset, 2)
+    with pytest.raises(ValueError, match="pass model_fn"):
+        pop.shrink_perturb(0.5, 0.5, seed=0)
+    pop.shrink_perturb(0.5, 0.5, seed=0, model_fn=NoReset)
+    assert torch.equal(pop.params["scale"], torch.ones(2, 3))
+
+
+# --------------------------------------------------------------------------- the study
+def toy_data(n_train: int = 96, n_test: int = 48) -> tuple[TensorSplit, TensorSplit]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n_train + n_test, 1, 8, 8, generator=g)
+    y = x.flatten(1)[:, :3].argmax(-1)
+    return TensorSplit(x[:n_train], y[:n_train]), TensorSplit(x[n_train:], y[n_train:])
+
+
+def test_phase_sizes() -> None:
+    assert phase_sizes("two-phase", 100, fraction=0.3) == [30, 100]
+    assert phase_sizes("online", 1257, chunks=10) == [126 * k for k in range(1, 10)] + [1257]
+    assert phase_sizes("online", 10, chunk_size=4) == [4, 8, 10]
+    for kwargs, match in [
+        ({"protocol": "streaming"}, "protocol must be one of online, two-phase"),
+        ({"protocol": "two-phase", "fraction": 1.0}, r"fraction must lie in \(0, 1\)"),
+        ({"protocol": "online", "chunk_size": 100}, r"chunk_size must be an integer in \[1, 99\]"),
+        ({"protocol": "online", "chunks": 1}, r"chunks must be an integer in \[2, 100\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            phase_sizes(num_samples=100, **kwargs)
+
+
+def test_online_members_stop_on_their_own_and_steps_are_exact() -> None:
+    """A member that reaches the threshold stops changing while others continue; steps recorded == taken."""
+    train, test = toy_data()
+    arms = [Arm("cold", "cold"), Arm("warm", "warm"), Arm.shrink_perturb(0.5, 0.1)]
+    taken: dict[int, torch.Tensor] = {}
+    prev: dict[str, dict[str, torch.Tensor]] = {}
+    mixed = []
+
+    def on_phase_start(phase: int, samples: int, pop: Population) -> None:
+        taken[phase] = torch.zeros(pop.n, dtype=torch.long)
+        prev["s"] = stacks(pop)
+
+    def on_step(phase: int, step: int, active: torch.Tensor, pop: Population) -> None:
+        now = stacks(pop)
+        changed = torch.tensor([any(not torch.equal(now[k][i], prev["s"][k][i]) for k in now) for i in range(pop.n)])
+        assert torch.equal(changed, active), (phase, step, changed, active)  # frozen exactly when masked
+        taken[phase] += changed.long()
+        mixed.append(bool(active.any() and not active.all()))
+        prev["s"] = now
+
+    result = run_study(
+        tiny_mlp, train, test, protocol="online", arms=arms, replicates=2, optimizer="adam", lr=0.02,
+        batch_size=16, threshold=0.9, max_steps=150, check_every=1, chunk_size=32, seed=1,
+        on_phase_start=on_phase_start, on_step=on_step,
+    )
+    assert [p.samples for p in result.phases] == [32, 64, 96]
+    assert any(mixed), "some step should train part of the stack only"
+    for p in result.phases:
+        assert p.steps == taken[p.phase].tolist()
+        for i in range(6):
+            if p.reached[i]:
+                assert p.train_accuracy[i] >= 0.9
+            else:
+                assert p.steps[i] == 150
+            if p.steps[i] > 0:
+                assert p.grad_norm[i] > 0
+    # warm members start later phases closer to the threshold than cold ones
+    warm, cold = result.arm_members(1), result.arm_members(0)
+    assert sum(result.phases[-1].steps[i] for i in warm) <= sum(result.phases[-1].steps[i] for i in cold)
+    rows = result.summary()
+    assert [r["arm"] for r in rows] == ["cold", "warm", "sp(lam=0.5, sigma=0.1)"]
+    json.dumps(result.to_dict())
+
+
+def test_phase_boundary_transforms() -> None:
+    """Cold members are re-initialized with fresh seeds; warm continue; shrink-perturb = lam * w + sigma * noise."""
+    train, test = toy_data()
+    arms = [Arm("cold", "cold"), Arm("warm", "warm"), Arm.shrink_perturb(0.0, 1.0)]
+    starts: list[dict[str, torch.Tensor]] = []
+    result = run_study(
+        tiny_mlp, train, test, protocol="two-phase", arms=arms, replicates=1, lr=0.05, batch_size=16,
+        threshold=1.0, max_steps=3, check_every=1, seed=5,
+        on_phase_start=lambda phase, samples, pop: starts.append(stacks(pop)),
+    )
+    first, second = starts
+    fresh = Population.from_factory(tiny_mlp, 3, seed=5 + 1 * 3)  # phase 1's cold seeds
+    noise = Population.from_factory(tiny_mlp, 3, seed=5 + (2 + 1) * 3)  # phase 1's noise seeds
+    for k in fresh.params:
+        assert torch.equal(second[k][0], fresh.params[k][0])  # cold: fresh init
+        assert torch.equal(second[k][2], noise.params[k][2])  # sp with lam 0, sigma 1: the noise init
+        assert not torch.equal(second[k][1], first[k][1])  # warm: trained in phase 0, kept
+    assert [p.steps for p in result.phases] == [[3, 3, 3], [3, 3, 3]]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"replicates": 0}, "replicates must be an integer >= 1"),
+        ({"threshold": 1.5}, r"threshold must lie in \(0, 1\]"),
+        ({"arms": []}, "arms must hold at least one Arm"),
+        ({"arms": [Arm("a", "warm"), Arm("a", "cold")]}, "arms must have distinct names"),
+        ({"protocol": "nope"}, "protocol must be one of"),
+        ({"optimizer": "lamb"}, "optimizer must be one of sgd, adam"),
+    ],
+)
+def test_run_study_bad_input(kwargs: dict[str, Any], match: str) -> None:
+    train, test = toy_data()
+    with pytest.raises(ValueError, match=match):
+        run_study(tiny_mlp, train, test, max_steps=2, **kwargs)
+
+
+def test_arm_validation() -> None:
+    with pytest.raises(ValueError, match="kind must be one of cold, warm, shrink_perturb"):
+        Arm("x", "hot")
+    with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
+        Arm.shrink_perturb(-1, 0.1)
+    with pytest.raises(ValueError, match="sigma must be a finite number >= 0"):
+        Arm.shrink_perturb(0.5, -0.1)
+
+
+# --------------------------------------------------------------------------- CLI
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "popvec.cli", "warmstart", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+TINY = ["--replicates", "1", "--max-steps", "4", "--check-every", "2", "--batch-size", "32", "--device", "cpu", "--no-progress"]
+
+
+@pytest.mark.parametrize("protocol, model", [("online", "mlp"), ("two-phase", "logreg")])
+def test_cli_smoke(tmp_path: Path, protocol: str, model: str) -> None:
+    out = tmp_path / "ws"
+    extra = ["--chunks", "3"] if protocol == "online" else ["--fraction", "0.3"]
+    proc = run_cli(["--protocol", protocol, "--model", model, *TINY, *extra, "--sp", "0.5,0.1", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "test acc" in proc.stdout and "sp(lam=0.5, sigma=0.1)" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["phases"]) == (3 if protocol == "online" else 2)
+    assert [r["arm"] for r in json.loads((out / "summary.json").read_text())] == ["cold", "warm", "sp(lam=0.5, sigma=0.1)"]
+    pytest.importorskip("matplotlib")
+    assert (out / "warmstart.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--protocol", "streaming"], "argument --protocol: invalid choice"),
+        (["--sp", "0.5"], "argument --sp: must be LAM,SIGMA"),
+        (["--sp", "0.5,-1"], "argument --sp: LAM and SIGMA must be finite and >= 0"),
+        (["--threshold", "1.5"], r"argument --threshold: must lie in \(0, 1\]"),
+        (["--replicates", "0"], "argument --replicates: must be an integer >= 1"),
+        (["--chunk-size", "5000"], r"chunk_size must be an integer in \[1, 1256\]"),
+        (["--no-cold", "--no-warm", "--sp", "0.5,0.1", "--sp", "0.5,0.1"], None),
+    ],
+)
+def test_cli_bad_flags(args: list[str], message: str | None, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    if message is None:  # duplicate --sp arms collapse into one: valid
+        assert [a.name for a in build_arms(cli.build_parser().parse_args(["warmstart", *args]))] == ["sp(lam=0.5, sigma=0.1)"]
+        return
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["warmstart", *args, "--device", "cpu", "--no-progress", "--max-steps", "1", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert re.search(message, err), err
+
+
+def test_cli_arms_from_flags() -> None:
+    parse = cli.build_parser().parse_args
+    default = [a.kind for a in build_arms(parse(["warmstart"]))]
+    assert default[:2] == ["cold", "warm"] and set(default[2:]) == {"shrink_perturb"}
+    assert [a.name for a in build_arms(parse(["warmstart", "--no-cold", "--sp", "0.6,0.01"]))] == ["warm", "sp(lam=0.6, sigma=0.01)"]
