@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from popvec import cli
-from popvec.data import DeviceLoader, TensorSplit, load_dataset
+from popvec.data import DeviceLoader, load_dataset
 from popvec.hyperband import HyperbandPolicy, hyperband, hyperband_brackets, s_max
 from popvec.models import model_factory
 from popvec.search_run import make_trainer
