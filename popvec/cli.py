@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import torch
 from rich.console import Console
 
+from popvec.argtypes import open_unit, positive_float, positive_int
 from popvec.data import DATASET_NAMES, DeviceLoader, load_dataset
 from popvec.engine import evaluate
 from popvec.models import MODEL_NAMES, model_factory, required_image_size
@@ -37,35 +38,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def _open_unit(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of the Multiple Initializations framework (same names and defaults) plus popvec's."""
-    parser.add_argument("--num-models", type=_positive_int, default=10, help="initializations to start with")
-    parser.add_argument("--num-elim-steps", type=_positive_int, default=100, help="steps between eliminations")
-    parser.add_argument("--reduce-factor", type=_open_unit, default=0.5, help="fraction kept each round, in (0, 1)")
-    parser.add_argument("--batch-size", type=_positive_int, default=64)
-    parser.add_argument("--epochs", type=_positive_int, default=10, help="epochs of steps in total")
-    parser.add_argument("--lr", type=_positive_float, default=0.001)
+    parser.add_argument("--num-models", type=positive_int, default=10, help="initializations to start with")
+    parser.add_argument("--num-elim-steps", type=positive_int, default=100, help="steps between eliminations")
+    parser.add_argument("--reduce-factor", type=open_unit, default=0.5, help="fraction kept each round, in (0, 1)")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--epochs", type=positive_int, default=10, help="epochs of steps in total")
+    parser.add_argument("--lr", type=positive_float, default=0.001)
     parser.add_argument("--seed", type=int, default=42, help="member i is initialized with seed + i")
     parser.add_argument("--data-dir", default="./data", help="where torchvision datasets live")
     parser.add_argument("--download", action="store_true", help="download a torchvision dataset if missing")
@@ -78,7 +58,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the vmapped step")
     parser.add_argument(
-        "--member-chunk-size", type=_positive_int, default=None, help="run members in chunks of this many (CPU: try 1)"
+        "--member-chunk-size", type=positive_int, default=None, help="run members in chunks of this many (CPU: try 1)"
     )
     parser.add_argument("--out", default=None, help="run folder (default: runs/<timestamp>)")
     parser.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue an interrupted run")

@@ -20,6 +20,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from popvec import lmc, optim
+from popvec.argtypes import integer
 from popvec.cli import resolve_device
 from popvec.data import DATASET_NAMES, DatasetSplits, load_dataset
 from popvec.models import MODEL_NAMES, build_model, model_factory, required_image_size
@@ -30,19 +31,6 @@ __all__ = ["register"]
 
 SPLITS = ("test", "train", "val")
 OPTIMIZERS = ("sgd", "adam")
-
-
-def _at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text}")
-        return value
-
-    return parse
 
 
 def _k1_list(text: str) -> list[int]:
@@ -60,7 +48,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=DATASET_NAMES, default="digits", help="digits is built in (offline)")
     parser.add_argument("--model", choices=MODEL_NAMES, default="lenet5")
     parser.add_argument("--split", choices=SPLITS, default="test", help="split the curve is measured on")
-    parser.add_argument("--alphas", type=_at_least(2), default=25, help="equally spaced alphas in [0, 1], both ends")
+    parser.add_argument("--alphas", type=integer(2), default=25, help="equally spaced alphas in [0, 1], both ends")
     parser.add_argument("--bn", choices=lmc.BN_MODES, default="auto", help="BatchNorm statistics: recompute on train (auto) or keep")
     parser.add_argument("--data-dir", default="./data", help="where torchvision datasets live")
     parser.add_argument("--download", action="store_true", help="download a torchvision dataset if missing")
@@ -74,17 +62,17 @@ def register(commands: Any) -> None:
     curve.add_argument("a", metavar="A.pt", help="state_dict of the network at alpha 0 (e.g. a winner.pt)")
     curve.add_argument("b", metavar="B.pt", help="state_dict of the network at alpha 1")
     _add_common(curve)
-    curve.add_argument("--batch-size", type=_at_least(1), default=1024, help="evaluation batch size")
+    curve.add_argument("--batch-size", type=integer(1), default=1024, help="evaluation batch size")
     curve.set_defaults(run=_lmc_command)
 
     spawn = commands.add_parser("instability", help="barrier between copies spawned at step k1 (Frankle et al. 2020)")
     _add_common(spawn)
     spawn.add_argument("--k1", type=_k1_list, default=[0, 10, 50, 100, 500], help="spawn steps, e.g. 0,10,50,100,500")
-    spawn.add_argument("--k2", type=_at_least(1), default=500, help="steps every copy trains after spawning")
-    spawn.add_argument("--copies", type=_at_least(2), default=2, help="copies spawned at each k1")
+    spawn.add_argument("--k2", type=integer(1), default=500, help="steps every copy trains after spawning")
+    spawn.add_argument("--copies", type=integer(2), default=2, help="copies spawned at each k1")
     spawn.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sgd (momentum 0.9) or adam")
     spawn.add_argument("--lr", type=float, default=0.05)
-    spawn.add_argument("--batch-size", type=_at_least(1), default=64, help="training batch size")
+    spawn.add_argument("--batch-size", type=integer(1), default=64, help="training batch size")
     spawn.add_argument("--seed", type=int, default=0, help="trunk init and order; copy c draws its order from seed + 1 + c")
     spawn.add_argument("--no-progress", action="store_true", help="no live progress bar")
     spawn.set_defaults(run=_instability_command)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from popvec.argtypes import number, number_pair, positive_float, positive_int
 from popvec.data import DATASET_NAMES, load_dataset
 from popvec.models import MODEL_NAMES, model_factory, required_image_size
 from popvec.report import leaderboard_table, write_json
@@ -38,63 +39,25 @@ RANGE_FLAGS = {  # flag -> (hyperparameter, log-uniform when low > 0)
 }
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def _float_in(low: float, high: float, low_open: bool = True) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        if not ((low < value) if low_open else (low <= value)) or not value <= high:
-            raise argparse.ArgumentTypeError(f"must lie in {'(' if low_open else '['}{low}, {high}], got {text}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    return _float_in(0.0, float("inf"))(text)
-
-
-def _range(text: str) -> tuple[float, float]:
-    parts = text.split(",")
-    try:
-        low, high = (float(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be LOW,HIGH (two numbers), got {text!r}") from None
-    if not low <= high:
-        raise argparse.ArgumentTypeError(f"needs LOW <= HIGH, got {text}")
-    return low, high
-
-
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=MODEL_NAMES, default="mlp")
     parser.add_argument("--dataset", choices=DATASET_NAMES, default="digits", help="digits is built in (offline)")
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--download", action="store_true")
     parser.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adam")
-    parser.add_argument("--batch-size", type=_positive_int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="member j is initialized with seed + j; sampling is seeded too")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--space", default=None, help="search space file (.toml, or .yaml with PyYAML)")
-    parser.add_argument("--lr-range", type=_range, default=None, help="LOW,HIGH log-uniform (default 1e-4,1e-1 without --space)")
-    parser.add_argument("--weight-decay-range", type=_range, default=None, help="LOW,HIGH")
-    parser.add_argument("--momentum-range", type=_range, default=None, help="LOW,HIGH uniform (sgd)")
-    parser.add_argument("--label-smoothing-range", type=_range, default=None, help="LOW,HIGH uniform")
-    parser.add_argument("--clip-range", type=_range, default=None, help="LOW,HIGH per-member gradient clipping norm")
-    parser.add_argument("--grad-norm-threshold", type=_positive_float, default=None, help="early stop: gradient norm above this")
-    parser.add_argument("--patience", type=_positive_int, default=None, help="early stop: steps without val-loss improvement")
-    parser.add_argument("--slope-window", type=_positive_int, default=None, help="early stop: train-loss slope window (steps)")
-    parser.add_argument("--check-every", type=_positive_int, default=None, help="early-stopping checks every this many steps")
+    parser.add_argument("--lr-range", type=number_pair(), default=None, help="LOW,HIGH log-uniform (default 1e-4,1e-1 without --space)")
+    parser.add_argument("--weight-decay-range", type=number_pair(), default=None, help="LOW,HIGH")
+    parser.add_argument("--momentum-range", type=number_pair(), default=None, help="LOW,HIGH uniform (sgd)")
+    parser.add_argument("--label-smoothing-range", type=number_pair(), default=None, help="LOW,HIGH uniform")
+    parser.add_argument("--clip-range", type=number_pair(), default=None, help="LOW,HIGH per-member gradient clipping norm")
+    parser.add_argument("--grad-norm-threshold", type=positive_float, default=None, help="early stop: gradient norm above this")
+    parser.add_argument("--patience", type=positive_int, default=None, help="early stop: steps without val-loss improvement")
+    parser.add_argument("--slope-window", type=positive_int, default=None, help="early stop: train-loss slope window (steps)")
+    parser.add_argument("--check-every", type=positive_int, default=None, help="early-stopping checks every this many steps")
     parser.add_argument("--out", default=None, help="run folder (default runs/<command>-<timestamp>)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--no-plots", action="store_true")
@@ -102,21 +65,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def register(commands: Any) -> None:
     hb = commands.add_parser("hyperband", help="Hyperband / successive halving over a hyperparameter space")
-    hb.add_argument("--max-t", "--max-resource", dest="max_t", type=_positive_int, default=81, help="resource units of the longest run")
-    hb.add_argument("--grace-period", "--min-resource", dest="grace_period", type=_positive_int, default=1)
-    hb.add_argument("--reduction-factor", type=_positive_int, default=3, help="eta (>= 2)")
-    hb.add_argument("--brackets", type=_positive_int, default=None, help="how many brackets (most aggressive first); 1 = successive halving")
-    hb.add_argument("--unit-steps", type=_positive_int, default=1, help="training steps per resource unit")
+    hb.add_argument("--max-t", "--max-resource", dest="max_t", type=positive_int, default=81, help="resource units of the longest run")
+    hb.add_argument("--grace-period", "--min-resource", dest="grace_period", type=positive_int, default=1)
+    hb.add_argument("--reduction-factor", type=positive_int, default=3, help="eta (>= 2)")
+    hb.add_argument("--brackets", type=positive_int, default=None, help="how many brackets (most aggressive first); 1 = successive halving")
+    hb.add_argument("--unit-steps", type=positive_int, default=1, help="training steps per resource unit")
     hb.add_argument("--rule", choices=("sha", "asha"), default="sha", help="rung rule: fixed counts or ASHA quantile")
     hb.add_argument("--sequential", action="store_true", help="run brackets one after another instead of side by side")
     _common(hb)
     hb.set_defaults(run=_run_hyperband)
     pb = commands.add_parser("pbt", help="population-based training (exploit/explore) in one stack")
-    pb.add_argument("--population", type=_positive_int, default=16)
-    pb.add_argument("--perturbation-interval", type=_positive_int, default=50)
-    pb.add_argument("--steps", type=_positive_int, default=1000)
-    pb.add_argument("--quantile-fraction", type=_float_in(0.0, 0.5), default=0.25, help="in (0, 0.5]")
-    pb.add_argument("--resample-probability", type=_float_in(0.0, 1.0, low_open=False), default=0.25, help="in [0, 1]")
+    pb.add_argument("--population", type=positive_int, default=16)
+    pb.add_argument("--perturbation-interval", type=positive_int, default=50)
+    pb.add_argument("--steps", type=positive_int, default=1000)
+    pb.add_argument("--quantile-fraction", type=number(0.0, 0.5, low_open=True), default=0.25, help="in (0, 0.5]")
+    pb.add_argument("--resample-probability", type=number(0.0, 1.0), default=0.25, help="in [0, 1]")
     _common(pb)
     pb.set_defaults(run=_run_pbt)
 

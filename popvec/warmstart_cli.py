@@ -7,7 +7,6 @@ matplotlib installed, ``warmstart.png`` (test accuracy and steps to the threshol
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -16,65 +15,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from popvec.argtypes import nonnegative_float, number, number_pair, open_unit, positive_float, positive_int
 from popvec.data import DATASET_NAMES, load_dataset
 from popvec.models import MODEL_NAMES, model_factory, required_image_size
 from popvec.report import write_json
 from popvec.warmstart import OPTIMIZER_NAMES, PROTOCOLS, Arm, PhaseRecord, WarmStartResult, default_arms, run_study
 
 __all__ = ["register", "run_warmstart", "plot_result"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def _unit(text: str, closed: bool) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (0 < value <= 1 if closed else 0 < value < 1):
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1{']' if closed else ')'}, got {text}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def _sp_pair(text: str) -> tuple[float, float]:
-    parts = text.split(",")
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"must be LAM,SIGMA (two numbers >= 0), got {text!r}")
-    try:
-        lam, sigma = (float(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be LAM,SIGMA (two numbers >= 0), got {text!r}") from None
-    if not all(math.isfinite(v) and v >= 0 for v in (lam, sigma)):
-        raise argparse.ArgumentTypeError(f"LAM and SIGMA must be finite and >= 0, got {text!r}")
-    return lam, sigma
 
 
 def register(commands: Any) -> None:
@@ -86,18 +33,18 @@ def register(commands: Any) -> None:
     p.add_argument("--data-dir", default="./data", help="where torchvision datasets live")
     p.add_argument("--download", action="store_true", help="download a torchvision dataset if missing")
     p.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="sgd")
-    p.add_argument("--lr", type=_positive_float, default=0.01)
-    p.add_argument("--momentum", type=_nonnegative_float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=_nonnegative_float, default=0.0)
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--threshold", type=lambda t: _unit(t, closed=True), default=0.99, help="train accuracy that ends a phase, in (0, 1]")
-    p.add_argument("--max-steps", type=_positive_int, default=1000, help="step cap per phase")
-    p.add_argument("--check-every", type=_positive_int, default=10, help="steps between train-accuracy checks")
-    p.add_argument("--fraction", type=lambda t: _unit(t, closed=False), default=0.5, help="two-phase: first phase's share, in (0, 1)")
-    p.add_argument("--chunks", type=_positive_int, default=10, help="online: the training set in this many chunks")
-    p.add_argument("--chunk-size", type=_positive_int, default=None, help="online: samples per chunk (overrides --chunks)")
-    p.add_argument("--replicates", type=_positive_int, default=3, help="members (seeds) per arm")
-    p.add_argument("--sp", type=_sp_pair, action="append", metavar="LAM,SIGMA", help="a shrink-perturb arm (repeatable)")
+    p.add_argument("--lr", type=positive_float, default=0.01)
+    p.add_argument("--momentum", type=nonnegative_float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--threshold", type=number(0.0, 1.0, low_open=True), default=0.99, help="train accuracy that ends a phase, in (0, 1]")
+    p.add_argument("--max-steps", type=positive_int, default=1000, help="step cap per phase")
+    p.add_argument("--check-every", type=positive_int, default=10, help="steps between train-accuracy checks")
+    p.add_argument("--fraction", type=open_unit, default=0.5, help="two-phase: first phase's share, in (0, 1)")
+    p.add_argument("--chunks", type=positive_int, default=10, help="online: the training set in this many chunks")
+    p.add_argument("--chunk-size", type=positive_int, default=None, help="online: samples per chunk (overrides --chunks)")
+    p.add_argument("--replicates", type=positive_int, default=3, help="members (seeds) per arm")
+    p.add_argument("--sp", type=number_pair("LAM,SIGMA", ordered=False, minimum=0.0), action="append", metavar="LAM,SIGMA", help="a shrink-perturb arm (repeatable)")
     p.add_argument("--no-cold", action="store_true", help="leave out the cold-start arm")
     p.add_argument("--no-warm", action="store_true", help="leave out the warm-start arm")
     p.add_argument("--keep-optimizer-state", action="store_true", help="warm/shrink-perturb members keep optimizer state across phases")

@@ -150,8 +150,8 @@ def test_cli_pbt_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     ("argv", "match"),
     [
         (["--population", "0"], "argument --population: must be an integer >= 1"),
-        (["--quantile-fraction", "0.75"], "argument --quantile-fraction: must lie in (0.0, 0.5]"),
-        (["--resample-probability", "2"], "argument --resample-probability: must lie in [0.0, 1.0]"),
+        (["--quantile-fraction", "0.75"], "argument --quantile-fraction: must lie in (0, 0.5]"),
+        (["--resample-probability", "2"], "argument --resample-probability: must lie in [0, 1]"),
         (["--steps", "x"], "argument --steps: must be an integer >= 1"),
     ],
 )
