@@ -3,10 +3,12 @@
 Side by side in one run, for LeNet-5 and the 784-256-256-10 MLP on 28x28 inputs:
   (a) loop   - one nn.Module per alpha (load_state_dict of the interpolated weights), evaluated
                with plain PyTorch in batches (what users do today)
-  (b) popvec - popvec.lmc.interpolate: the 25 networks as one population, one vmapped pass per batch
-  (c) popvec chunked - the same with smaller batches and a few members at a time
-      (``--chunk-batch-size``, ``--member-chunk-size``): on a CPU the working set of all 25
-      members' activations leaves the cache, so chunks run faster
+  (b) popvec - popvec.lmc.interpolate with its defaults: the first layer (affine in the weights,
+      so in alpha) runs twice per batch, at both ends, and its outputs are interpolated; the rest
+      of the 25 networks runs vmapped, on a CPU in cache-sized chunks of samples and members
+      chosen from the first layer's width
+  (c) popvec chunked - the same with explicit ``--chunk-batch-size`` samples and
+      ``--member-chunk-size`` members per pass (no automatic chunking)
 Medians over repeats; prints a table and writes JSON to benchmarks/results/.
 
     python benchmarks/bench_lmc.py                   # CPU

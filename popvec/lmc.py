@@ -14,6 +14,7 @@ at several steps k1 with the trunk's weights and optimizer state, every branch t
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +23,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from popvec import optim
 from popvec.checkpoint import save_checkpoint
 from popvec.data import DeviceLoader, TensorSplit, iterate_batches
-from popvec.engine import LossFn, TrainStep, evaluate
+from popvec.engine import LossFn, TrainStep, batch_accuracy, evaluate
 from popvec.population import Population, architecture_mismatch, as_index
 
 __all__ = [
@@ -187,15 +189,24 @@ def _evaluation(skeleton: nn.Module, data: Any, loss_fn: LossFn, bn: str, bn_dat
     return _Evaluation(data, loss_fn, recompute, bn_data, batch_size, member_chunk_size)
 
 
-def _paths(a: Population, b: Population, alphas: Tensor, spec: _Evaluation) -> tuple[Tensor, Tensor]:
-    """Loss and error ``[P, K]`` (CPU) along the P paths ``a[p] -> b[p]`` at ``alphas`` ``[K]``: one population of P * K."""
+def _paths(a: Population, b: Population, alphas: Tensor, spec: _Evaluation, shortcut: bool = True) -> tuple[Tensor, Tensor, bool]:
+    """Loss and error ``[P, K]`` (CPU) along the P paths ``a[p] -> b[p]`` at ``alphas`` ``[K]``: one population of P * K.
+
+    A single path (P = 1) is evaluated through the first-layer shortcut where it applies (see
+    :func:`_first_affine`; ``shortcut=False`` never): the third value says whether it was.
+    """
     grid = alphas.to(a.device)
     path = Population(a.skeleton, interpolate_stacks(a.params, b.params, grid), interpolate_stacks(a.buffers, b.buffers, grid))
     if spec.recompute:
         path.buffers = recompute_batchnorm(path, spec.bn_data, spec.batch_size, spec.member_chunk_size)
-    metrics = evaluate(path, spec.data, spec.loss_fn, spec.batch_size, spec.member_chunk_size)
+    metrics, data = None, spec.data
+    if shortcut and a.n == 1:
+        metrics, data = _evaluate_fast(path, a, b, grid, spec)
+    used = metrics is not None
+    if metrics is None:
+        metrics = evaluate(path, data, spec.loss_fn, spec.batch_size, spec.member_chunk_size)
     shape = (a.n, alphas.numel())
-    return metrics["loss"].cpu().view(shape), (1.0 - metrics["accuracy"]).cpu().view(shape)
+    return metrics["loss"].cpu().view(shape), (1.0 - metrics["accuracy"]).cpu().view(shape), used
 
 
 def _take(population: Population, index: Tensor) -> Population:
@@ -220,11 +231,218 @@ def _pair_barriers(population: Population, first: Tensor, second: Tensor, alphas
     rows = []
     for i, j in zip(first.split(pair_chunk_size), second.split(pair_chunk_size)):
         a, b = _take(population, i), _take(population, j)
-        loss, error = _paths(a, b, full, spec)
+        loss, error, _ = _paths(a, b, full, spec)
         barriers = [barrier(interpolation_gap(curve, full)) for curve in (loss, error)]
         rows.append(torch.stack([*barriers, l2_distance(a.params, b.params).float().cpu()], dim=1))
     loss_barrier, error_barrier, l2 = torch.cat(rows).unbind(1)
     return loss_barrier, error_barrier, l2
+
+
+# --------------------------------------------------------------------------- first-layer fast path
+# A path w(alpha) is linear in alpha up to its first nonlinearity: when the network's first
+# computation is an affine layer (Linear/Conv) applied to the raw input (or a flatten/reshape view
+# of it), its output for every alpha is ``lerp(f1(x; w_a), f1(x; w_b), alpha)``. Two evaluations
+# of that layer per batch replace K; the rest of the network runs vmapped over the K alphas.
+_AFFINE_FIRST = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class _Unsupported(Exception):
+    """The fast path does not apply; the caller falls back to the general path."""
+
+
+class _Captured(Exception):
+    def __init__(self, value: Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+
+class _Interpolated(nn.Module):
+    """Stands in for the first layer: returns ``(1 - alpha) * y_a + alpha * y_b`` from the ends and
+    the alpha set on it before each call (not ``torch.lerp``, which vmap runs one member at a time).
+
+    With ``capture`` set it instead stops the forward, handing back the input it was given.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.capture = False
+        self.inp: Tensor | None = None
+        self.ends: tuple[Tensor, Tensor] | None = None
+        self.alpha: Tensor | None = None
+
+    def forward(self, inp: Tensor) -> Tensor:
+        if self.capture:
+            raise _Captured(inp)
+        expected = self.inp
+        # The input must not depend on the vmapped members (no parameter or buffer before the
+        # first layer) and must be the very tensor the ends were computed from.
+        if (
+            expected is None
+            or torch._C._functorch.is_batchedtensor(inp)
+            or inp.shape != expected.shape
+            or inp.data_ptr() != expected.data_ptr()
+            or inp.stride() != expected.stride()
+        ):
+            raise _Unsupported("the first layer's input changed between the capture and the vmapped pass")
+        y_a, y_b = self.ends
+        alpha = self.alpha  # a vmapped scalar; (1 - alpha) * a + alpha * b is exact at both ends
+        return torch.addcmul(y_a * (1 - alpha), y_b, alpha)
+
+
+def _first_affine(skeleton: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> str | None:
+    """The name of the model's first layer when the fast path applies to it, else None.
+
+    One eval-mode forward of member 0 on ``x`` (a couple of samples) with hooks on every leaf
+    module: the first leaf called must be exactly a Linear/Conv1d/2d/3d without hooks of its own,
+    called once, its parameters used by no other module, and its input the model input itself or a
+    reshape/flatten view of it (same storage, same number of elements, contiguous).
+    """
+    model = copy.deepcopy(skeleton).eval()
+    leaves = {name: m for name, m in model.named_modules() if not list(m.children())}
+    calls: list[tuple[str, Tensor]] = []
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, name=name: calls.append((name, args[0] if args else None)))
+        for name, m in leaves.items()
+    ]
+    member = {k: v[0] for k, v in params.items()}, {k: v[0] for k, v in buffers.items()}
+    try:
+        with torch.no_grad():
+            functional_call(model, member, (x,))
+    except Exception:  # noqa: BLE001 - any failure on the probe batch (e.g. a fixed batch size): the general path
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    if not calls:
+        return None
+    name, inp = calls[0]
+    first = leaves[name]
+    if type(first) not in _AFFINE_FIRST or sum(1 for n, _ in calls if n == name) != 1:
+        return None
+    original = dict(skeleton.named_modules())[name]
+    if original._forward_hooks or original._forward_pre_hooks or getattr(original, "_backward_hooks", None):
+        return None
+    own = {f"{name}.{k}" for k, _ in first.named_parameters()}
+    if not own or not own <= set(params) or any(k.startswith(f"{name}.") for k in buffers):
+        return None
+    if any(p is q for n, p in skeleton.named_parameters(remove_duplicate=False) if not n.startswith(f"{name}.")
+           for q in original.parameters()):
+        return None  # tied weights
+    if not isinstance(inp, Tensor) or not (
+        inp is x or (inp.data_ptr() == x.data_ptr() and inp.numel() == x.numel() and inp.is_contiguous() and x.is_contiguous())
+    ):
+        return None
+    return name
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+@torch.no_grad()
+def _evaluate_fast(
+    path: Population, a: Population, b: Population, alphas: Tensor, spec: _Evaluation
+) -> tuple[dict[str, Tensor] | None, Any]:
+    """:func:`popvec.engine.evaluate` of the single path ``path`` (members at ``alphas``) through the
+    first-layer shortcut: ``(metrics, None)``, or ``(None, data)`` when it does not apply, ``data``
+    being what is left of ``spec.data`` to evaluate the general way (nothing of it is lost)."""
+    batches = iter(iterate_batches(spec.data, spec.batch_size))
+    device = path.device
+    skeleton = path.skeleton
+    name = None
+    total_loss = torch.zeros(path.n, dtype=torch.float64, device=device)
+    correct = torch.zeros(path.n, dtype=torch.float64, device=device)
+    count = 0
+    fn = interp = original = None
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if fn is None:
+            name = _first_affine(skeleton, a.params, a.buffers, x[:2])
+            if name is None:
+                return None, itertools.chain([(x, y)], batches)
+            original = copy.deepcopy(dict(skeleton.named_modules())[name])
+            model = copy.deepcopy(skeleton).eval()
+            interp = _Interpolated()
+            _set_submodule(model, name, interp)
+            prefix = f"{name}."
+            rest = {k: v for k, v in path.params.items() if not k.startswith(prefix)}
+            ends = [{k[len(prefix):]: v[0] for k, v in end.params.items() if k.startswith(prefix)} for end in (a, b)]
+            rest_a = {k: v[0] for k, v in a.params.items() if not k.startswith(prefix)}
+            bufs_a = {k: v[0] for k, v in a.buffers.items()}
+
+            def member(
+                params: dict[str, Tensor], buffers: dict[str, Tensor], alpha: Tensor, inputs: Tensor,
+                model: nn.Module = model, interp: _Interpolated = interp,
+            ) -> Tensor:
+                interp.alpha = alpha
+                return functional_call(model, (params, buffers), (inputs,))
+
+            chunk, samples = spec.member_chunk_size, None
+            if chunk is None and device.type == "cpu":
+                try:
+                    width = functional_call(original, ends[0], (_capture(model, interp, rest_a, bufs_a, x[:1]),)).numel()
+                except _Unsupported:
+                    return None, itertools.chain([(x, y)], batches)
+                chunk, samples = _cpu_chunks(width, alphas.numel(), spec.batch_size)
+            fn = vmap(member, in_dims=(0, 0, 0, None), randomness="different", chunk_size=chunk)
+        try:
+            parts = x.split(samples) if samples else (x,)
+            outputs = [_shortcut_forward(fn, model, interp, original, ends, rest_a, bufs_a, rest, path.buffers, alphas, p) for p in parts]
+            outputs = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        except _Unsupported:
+            if count:
+                raise
+            return None, itertools.chain([(x, y)], batches)
+        losses = vmap(spec.loss_fn, in_dims=(0, None))(outputs, y)
+        total_loss += losses.double() * y.shape[0]
+        if outputs.dim() == 3 and not y.is_floating_point():
+            correct += batch_accuracy(outputs, y).double()
+        count += y.shape[0]
+    if count == 0:
+        raise ValueError("data must hold at least one sample")
+    return {"loss": (total_loss / count).float(), "accuracy": (correct / count).float()}, None
+
+
+# On a CPU the shortcut runs fastest when one vmapped pass's first-layer activations (members x
+# samples x the layer's output per sample) stay near this many floats (~4 MB, cache-sized):
+# measured on 2 cores for LeNet-5 (a few hundred samples, one member at a time) and the
+# 784-256-256-10 MLP (1000 samples, 4 members at a time).
+_CPU_WORKING_SET = 1 << 20
+
+
+def _cpu_chunks(width: int, k: int, batch_size: int) -> tuple[int, int]:
+    """Members and samples per vmapped pass on a CPU, for a first layer of ``width`` outputs per sample."""
+    samples = max(1, min(batch_size, _CPU_WORKING_SET // max(width, 1)))
+    return max(1, min(k, _CPU_WORKING_SET // (samples * max(width, 1)))), samples
+
+
+def _capture(model: nn.Module, interp: _Interpolated, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
+    """The input the first layer gets for batch ``x`` (the forward stopped there)."""
+    interp.capture = True
+    try:
+        functional_call(model, (params, buffers), (x,))
+        raise _Unsupported("the first layer was not reached")
+    except _Captured as stop:
+        return stop.value
+    finally:
+        interp.capture = False
+
+
+def _shortcut_forward(
+    fn: Callable[..., Tensor], model: nn.Module, interp: _Interpolated, original: nn.Module,
+    ends: list[dict[str, Tensor]], rest_a: dict[str, Tensor], bufs_a: dict[str, Tensor],
+    rest: dict[str, Tensor], buffers: dict[str, Tensor], alphas: Tensor, x: Tensor,
+) -> Tensor:
+    """Outputs ``[K, B, ...]`` of the path on batch ``x``: the first layer's input captured (the
+    forward stopped there), its two end outputs, then the rest vmapped over the alphas."""
+    inp = _capture(model, interp, rest_a, bufs_a, x)
+    y_a, y_b = (functional_call(original, end, (inp,)) for end in ends)
+    interp.inp, interp.ends = inp, (y_a, y_b)
+    try:
+        return fn(rest, buffers, alphas.to(y_a), x)
+    finally:
+        interp.inp = interp.ends = interp.alpha = None
 
 
 # --------------------------------------------------------------------------- interpolate
@@ -256,6 +474,8 @@ class InterpolationResult:
     maximum gap over the interior alphas (negative where the path is convex; see :func:`barrier`).
     ``l2 = ||w_a - w_b||`` over
     parameters (not buffers). ``bn`` is how BatchNorm statistics were treated (recompute or keep).
+    ``shortcut`` says whether the first layer ran twice (its outputs at both ends, interpolated)
+    instead of once per alpha; it is not part of :meth:`to_dict`.
     """
 
     alphas: Tensor
@@ -267,6 +487,7 @@ class InterpolationResult:
     error_barrier: float
     l2: float
     bn: str
+    shortcut: bool = field(default=False, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: lists for the curves, floats for the scalars."""
@@ -331,7 +552,8 @@ def interpolate(
     requested = as_alphas(alphas)
     spec = _evaluation(pa.skeleton, data, loss_fn, bn, bn_data, batch_size, member_chunk_size)
     full, keep = _grid(requested)
-    loss, error = (curve[0] for curve in _paths(pa, pb, full, spec))
+    loss, error, shortcut = _paths(pa, pb, full, spec)
+    loss, error = loss[0], error[0]
     loss_gap, error_gap = (interpolation_gap(curve, full) for curve in (loss, error))
     return InterpolationResult(
         alphas=requested,
@@ -343,6 +565,7 @@ def interpolate(
         error_barrier=float(barrier(error_gap)),
         l2=float(l2_distance(pa.params, pb.params)[0]),
         bn="recompute" if spec.recompute else "keep",
+        shortcut=shortcut,
     )
 
 

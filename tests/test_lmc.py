@@ -22,7 +22,7 @@ import popvec
 from popvec import Population, cli, lmc
 from popvec.data import DeviceLoader, TensorSplit
 from popvec.engine import TrainStep
-from popvec.models import MLP, build_model
+from popvec.models import MLP, LeNet5, build_model
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -164,6 +164,96 @@ def test_recompute_batchnorm_is_cumulative_average_of_batch_statistics(cnn_pair:
     torch.testing.assert_close(buffers["bn.running_mean"][1], mean, **TOL)
     torch.testing.assert_close(buffers["bn.running_var"][1], var, **TOL)
     assert buffers["bn.num_batches_tracked"].tolist() == [4, 4]
+
+
+# --------------------------------------------------------------------------- first-layer shortcut
+class ScaledInput(nn.Module):
+    """A learned input scale before the first Linear: the first layer's input depends on the weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(64))
+        self.fc1, self.fc2 = nn.Linear(64, 16), nn.Linear(16, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1) * self.scale)))
+
+
+class NormFirst(nn.Module):
+    """LayerNorm (not an affine layer of the supported kinds) as the first computation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(64), nn.Linear(64, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.norm(torch.flatten(x, 1)))
+
+
+class SharedFirst(nn.Module):
+    """The first Linear applied twice (square weight): its output is not linear in alpha any more."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 64), nn.Linear(64, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.fc1(torch.relu(self.fc1(torch.flatten(x, 1)))))
+
+
+class ShiftedInput(nn.Module):
+    """A parameter-free op (x - 0.5) before the first Linear: a new tensor, not a view of the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 16), nn.Linear(16, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1) - 0.5)))
+
+
+def general_path(a: nn.Module, b: nn.Module, data: tuple[Tensor, Tensor], alphas: int, **kwargs: object) -> tuple[Tensor, Tensor]:
+    """The same curve as lmc.interpolate, the first-layer shortcut turned off."""
+    pa, pb = Population.from_modules([a]), Population.from_modules([b])
+    spec = lmc._evaluation(pa.skeleton, data, F.cross_entropy, kwargs.pop("bn", "auto"), kwargs.pop("bn_data", None), kwargs.pop("batch_size", 1024), kwargs.pop("member_chunk_size", None))
+    loss, error, used = lmc._paths(pa, pb, lmc._grid(lmc.as_alphas(alphas))[0], spec, shortcut=False)
+    assert not used
+    return loss[0], error[0]
+
+
+@pytest.mark.parametrize("name", ["mlp", "lenet5", "tiny_mlp", "cnn_bn"])
+def test_first_layer_shortcut_is_taken_and_equals_the_general_path(name: str) -> None:
+    big = name in ("mlp", "lenet5")
+    model_fn = {"mlp": lambda: MLP(784, (256, 256), 10), "lenet5": lambda: LeNet5(1, 10, 28), "tiny_mlp": tiny_mlp, "cnn_bn": tiny_cnn}[name]
+    g = torch.Generator().manual_seed(5)
+    data = (torch.randn(48, 1, 28, 28, generator=g), torch.randint(0, 10, (48,), generator=g)) if big else DATA
+    torch.manual_seed(0)
+    a, b = model_fn(), model_fn()
+    kwargs = {"bn_data": list(zip(*(t.split(16) for t in BN_DATA)))} if name == "cnn_bn" else {}  # batches of 16, as the reference
+    res = lmc.interpolate(a, b, data, alphas=9, batch_size=20, member_chunk_size=4, **kwargs)
+    assert res.shortcut
+    loss, error = general_path(a, b, data, 9, batch_size=20, member_chunk_size=4, **kwargs)
+    torch.testing.assert_close(res.loss, loss, **TOL)
+    torch.testing.assert_close(res.error, error, **TOL)
+    if not big:
+        ref_loss, ref_error = reference_curve(a, b, res.alphas, bn_data=BN_DATA if name == "cnn_bn" else None)
+        torch.testing.assert_close(res.loss, ref_loss, **TOL)
+        torch.testing.assert_close(res.error, ref_error, **TOL)
+
+
+@pytest.mark.parametrize("model_fn", [ScaledInput, NormFirst, SharedFirst, ShiftedInput])
+def test_unsupported_first_op_falls_back_and_still_matches(model_fn: Callable[[], nn.Module]) -> None:
+    torch.manual_seed(0)
+    a, b = model_fn(), model_fn()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    batches = [(x, y) for x, y in zip(*(t.split(40) for t in DATA))]
+    res = lmc.interpolate(a, b, iter(batches), alphas=7, member_chunk_size=3)  # a one-shot iterator: nothing lost on fallback
+    assert not res.shortcut
+    loss, error = reference_curve(a, b, res.alphas)
+    torch.testing.assert_close(res.loss, loss, **TOL)
+    torch.testing.assert_close(res.error, error, **TOL)
 
 
 # --------------------------------------------------------------------------- barrier matrix
