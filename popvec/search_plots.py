@@ -30,6 +30,14 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Lay out, write the PNG, and free the figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -62,10 +70,7 @@ def plot_hyperband(history: dict[str, Any], path: str | Path, metric: str = "val
     ax.set_ylabel(f"{metric} (log)")
     ax.set_title("Hyperband: validation loss per rung (x = pruned there)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_pbt_hparams(history: dict[str, Any], path: str | Path) -> Path:
@@ -89,10 +94,7 @@ def plot_pbt_hparams(history: dict[str, Any], path: str | Path) -> Path:
         ax.set_ylabel(name)
     axes[-1, 0].set_xlabel("training steps")
     axes[0, 0].set_title("PBT: hyperparameter trajectories per member")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_pbt_lineage(history: dict[str, Any], path: str | Path) -> Path:
@@ -113,7 +115,4 @@ def plot_pbt_lineage(history: dict[str, Any], path: str | Path) -> Path:
     ax.set_xlabel("training steps")
     ax.set_ylabel("member id")
     ax.set_title("PBT lineage: arrows point from donor to recipient (exploit)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
