@@ -24,7 +24,8 @@ from rich.console import Console
 
 from common import environment, sync, write_report
 from popvec import MultipleInitializationsTrainer
-from popvec.data import DeviceLoader, load_dataset
+from popvec.data import load_dataset
+from popvec.loaders import DeviceLoader
 from popvec.models import model_factory, required_image_size
 from popvec.selection import elimination_schedule
 

@@ -3,7 +3,7 @@
 Side by side in one run, for LeNet-5 and the 784-256-256-10 MLP on 28x28 inputs:
   (a) loop   - one nn.Module per alpha (load_state_dict of the interpolated weights), evaluated
                with plain PyTorch in batches (what users do today)
-  (b) popvec - popvec.lmc.interpolate with its defaults: the first layer (affine in the weights,
+  (b) popvec - popvec.studies.lmc.interpolate with its defaults: the first layer (affine in the weights,
       so in alpha) runs twice per batch, at both ends, and its outputs are interpolated; the rest
       of the 25 networks runs vmapped, on a CPU in cache-sized chunks of samples and members
       chosen from the first layer's width

@@ -17,11 +17,12 @@ import torch
 from rich.console import Console
 
 from common import environment, sync, write_report
-from popvec.data import DeviceLoader, load_dataset
-from popvec.hyperband import hyperband, hyperband_brackets
+from popvec.data import load_dataset
+from popvec.loaders import DeviceLoader
+from popvec.search.hyperband import hyperband, hyperband_brackets
 from popvec.models import model_factory
-from popvec.search_run import leaderboard, make_trainer
-from popvec.search_space import LogUniform, SearchSpace
+from popvec.search.run import leaderboard, make_trainer
+from popvec.search.space import LogUniform, SearchSpace
 
 SPACE = SearchSpace({"lr": LogUniform(1e-5, 1.0)})
 

@@ -230,7 +230,7 @@ def evaluate(
     ``member_chunk_size`` bounds how many members run at once. Runs in eval mode and restores the
     population's mode afterwards. ``loss_fn`` must return the mean over a batch.
     """
-    from popvec.data import iterate_batches
+    from popvec.loaders import iterate_batches
 
     was_training = population.training
     population.eval()

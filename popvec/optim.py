@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from popvec.lr_schedules import Schedule
+from popvec.schedules import Schedule
 from popvec.population import IndexLike, Population, as_index, as_mask
 
 __all__ = [

@@ -23,7 +23,7 @@ from popvec.engine import LossFn, TrainStep, evaluate
 from popvec.population import IndexLike, Population, as_index, as_mask
 from popvec.report import make_progress, round_table
 from popvec.selection import Decision, MetricsTable, SelectionPolicy, SuccessiveHalving, as_decision, check_reduce_factor
-from popvec.sources import BatchSource, as_source
+from popvec.loaders import BatchSource, as_source
 
 __all__ = ["PopulationTrainer", "MultipleInitializationsTrainer", "CHECKPOINT_NAME"]
 

@@ -23,7 +23,7 @@ OPTIMIZERS = {
     "sgd": lambda pop: popvec.optim.SGD(pop, lr=[0.05, 0.1, 0.0, 0.02], momentum=0.9, nesterov=True, weight_decay=1e-3),
     "adam_clip": lambda pop: popvec.optim.Adam(pop, lr=[1e-3, 2e-3, 3e-3, 0.0], max_grad_norm=0.5),
     "adamw_schedule": lambda pop: popvec.optim.AdamW(
-        pop, lr=1e-2, weight_decay=0.01, schedule=popvec.lr_schedules.warmup(3, popvec.lr_schedules.cosine(20))
+        pop, lr=1e-2, weight_decay=0.01, schedule=popvec.schedules.warmup(3, popvec.schedules.cosine(20))
     ),
     "adam_per_member_betas": lambda pop: popvec.optim.Adam(pop, lr=1e-3, betas=([0.9, 0.8, 0.95, 0.9], 0.999)),
 }

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from popvec import optim
-from popvec.early_stopping import EarlyStopping, slope
+from popvec.search.early_stopping import EarlyStopping, slope
 from popvec.population import Population
 from popvec.selection import MetricsTable, SuccessiveHalving
 from popvec.trainer import PopulationTrainer

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from popvec import Population, optim
-from popvec.ensemble import (
+from popvec.studies.ensemble import (
     FUSIONS,
     JointTrainer,
     combine,

@@ -14,11 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from popvec import cli
-from popvec.data import DeviceLoader, load_dataset
-from popvec.hyperband import HyperbandPolicy, hyperband, hyperband_brackets, s_max
+from popvec.data import load_dataset
+from popvec.loaders import DeviceLoader
+from popvec.search.hyperband import HyperbandPolicy, hyperband, hyperband_brackets, s_max
 from popvec.models import model_factory
-from popvec.search_run import make_trainer
-from popvec.search_space import LogUniform, SearchSpace
+from popvec.search.run import make_trainer
+from popvec.search.space import LogUniform, SearchSpace
 from popvec.selection import MetricsTable
 
 

@@ -20,7 +20,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import popvec
 from popvec import Population, cli, lmc
-from popvec.data import DeviceLoader, TensorSplit
+from popvec.data import TensorSplit
+from popvec.loaders import DeviceLoader
 from popvec.engine import TrainStep
 from popvec.models import MLP, LeNet5, build_model
 

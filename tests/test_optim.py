@@ -22,7 +22,7 @@ from torch.optim import lr_scheduler
 
 from popvec import Population, optim
 from popvec.engine import TrainStep
-from popvec.lr_schedules import constant, cosine, cosine_restarts, step_decay, warmup
+from popvec.schedules import constant, cosine, cosine_restarts, step_decay, warmup
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

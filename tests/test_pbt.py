@@ -13,9 +13,9 @@ from torch import Tensor
 from popvec import cli, optim
 from popvec.data import load_dataset
 from popvec.models import model_factory
-from popvec.pbt import PBT, pbt, quantile_size
+from popvec.search.pbt import PBT, pbt, quantile_size
 from popvec.population import Population
-from popvec.search_space import Choice, LogUniform, SearchSpace, Uniform
+from popvec.search.space import Choice, LogUniform, SearchSpace, Uniform
 from popvec.selection import MetricsTable
 from popvec.trainer import PopulationTrainer
 from popvec.losses import cross_entropy

@@ -11,9 +11,9 @@ import torch
 
 from popvec.data import TensorSplit, load_dataset
 from popvec.models import model_factory
-from popvec.search_run import make_trainer
-from popvec.search_space import LogUniform, SearchSpace
-from popvec.staged import DEFAULT_STAGES, Stage, data_subset, load_stages, parse_stages, run_staged
+from popvec.search.run import make_trainer
+from popvec.search.space import LogUniform, SearchSpace
+from popvec.search.staged import DEFAULT_STAGES, Stage, data_subset, load_stages, parse_stages, run_staged
 
 TOML = """
 [[stages]]

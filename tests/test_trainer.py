@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from popvec import MultipleInitializationsTrainer, Population, PopulationTrainer, optim
-from popvec.data import DatasetSplits, DeviceLoader, TensorSplit, load_dataset
+from popvec.data import DatasetSplits, TensorSplit, load_dataset
+from popvec.loaders import DeviceLoader
 from popvec.models import MLP
 from popvec.selection import MetricsTable, SuccessiveHalving
 from popvec.trainer import CHECKPOINT_NAME

@@ -19,8 +19,8 @@ from torch import nn
 
 from popvec import Population, cli
 from popvec.data import TensorSplit
-from popvec.warmstart import Arm, phase_sizes, run_study
-from popvec.warmstart_cli import build_arms
+from popvec.studies.warmstart import Arm, phase_sizes, run_study
+from popvec.cli.warmstart import build_arms
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from popvec.data import DeviceLoader, TensorSplit
-from popvec.early_stopping import EarlyStopping
-from popvec.search_space import load_config
+from popvec.data import TensorSplit
+from popvec.loaders import DeviceLoader
+from popvec.search.early_stopping import EarlyStopping
+from popvec.search.space import load_config
 from popvec.selection import Decision, MetricsTable, rank
 from popvec.trainer import PopulationTrainer
 

@@ -37,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from popvec import optim
-from popvec.data import DeviceLoader, TensorSplit
+from popvec.data import TensorSplit
+from popvec.loaders import DeviceLoader
 from popvec.engine import TrainStep, evaluate
 from popvec.population import Population
 

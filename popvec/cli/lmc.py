@@ -19,8 +19,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
-from popvec import lmc, optim
-from popvec.argtypes import integer
+from popvec import optim
+from popvec.studies import lmc
+from popvec.cli.argtypes import integer
 from popvec.cli import resolve_device
 from popvec.data import DATASET_NAMES, DatasetSplits, load_dataset
 from popvec.models import MODEL_NAMES, build_model, model_factory, required_image_size

@@ -31,10 +31,11 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from popvec.data import DeviceLoader, TensorSplit
-from popvec.early_stopping import EarlyStopping
-from popvec.search_run import SearchResult, cost_line, leaderboard, make_trainer
-from popvec.search_space import SearchSpace
+from popvec.data import TensorSplit
+from popvec.loaders import DeviceLoader
+from popvec.search.early_stopping import EarlyStopping
+from popvec.search.run import SearchResult, cost_line, leaderboard, make_trainer
+from popvec.search.space import SearchSpace
 from popvec.selection import Decision, MetricsTable, rank
 
 __all__ = ["Rung", "Bracket", "s_max", "hyperband_brackets", "HyperbandPolicy", "hyperband", "RULES"]
@@ -300,7 +301,7 @@ def hyperband(
     Members are numbered bracket by bracket (most aggressive first); member j is initialized with
     ``seed + j`` and gets the j-th sampled hyperparameters (``space.sample(N, seed)``). Every
     bracket sees the same shared batch order (``DeviceLoader(train, batch_size, seed=seed)``).
-    ``early_stopping``: keyword arguments of :class:`~popvec.early_stopping.EarlyStopping`.
+    ``early_stopping``: keyword arguments of :class:`~popvec.search.early_stopping.EarlyStopping`.
     Returns the history (rounds, bracket table, cost), the survivors ranked (with ``test``
     accuracy when given) and the winner as a plain module.
     """

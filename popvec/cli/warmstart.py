@@ -15,11 +15,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from popvec.argtypes import nonnegative_float, number, number_pair, open_unit, positive_float, positive_int
+from popvec.cli.argtypes import nonnegative_float, number, number_pair, open_unit, positive_float, positive_int
 from popvec.data import DATASET_NAMES, load_dataset
 from popvec.models import MODEL_NAMES, model_factory, required_image_size
 from popvec.report import write_json
-from popvec.warmstart import OPTIMIZER_NAMES, PROTOCOLS, Arm, PhaseRecord, WarmStartResult, default_arms, run_study
+from popvec.studies.warmstart import OPTIMIZER_NAMES, PROTOCOLS, Arm, PhaseRecord, WarmStartResult, default_arms, run_study
 
 __all__ = ["register", "run_warmstart", "plot_result"]
 

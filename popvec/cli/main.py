@@ -18,8 +18,9 @@ from typing import Any, NoReturn
 import torch
 from rich.console import Console
 
-from popvec.argtypes import open_unit, positive_float, positive_int
-from popvec.data import DATASET_NAMES, DeviceLoader, load_dataset
+from popvec.cli.argtypes import open_unit, positive_float, positive_int
+from popvec.data import DATASET_NAMES, load_dataset
+from popvec.loaders import DeviceLoader
 from popvec.engine import evaluate
 from popvec.models import MODEL_NAMES, model_factory, required_image_size
 from popvec.population import Population
@@ -67,7 +68,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 #: Modules that add a subcommand: each defines ``register(commands)`` adding a parser whose
 #: defaults include ``run=fn(args, parser, console) -> int``.
-COMMAND_MODULES: tuple[str, ...] = ("popvec.lmc_cli", "popvec.search_cli", "popvec.warmstart_cli")
+COMMAND_MODULES: tuple[str, ...] = ("popvec.cli.lmc", "popvec.cli.search", "popvec.cli.warmstart")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from popvec.engine import evaluate
 from popvec.losses import cross_entropy
 from popvec.population import Population
-from popvec.search_space import build_optimizer
+from popvec.search.space import build_optimizer
 from popvec.selection import rank, MetricsTable
 from popvec.trainer import PopulationTrainer
 

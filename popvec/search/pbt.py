@@ -25,10 +25,11 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from popvec.data import DeviceLoader, TensorSplit
-from popvec.early_stopping import EarlyStopping
-from popvec.search_run import SearchResult, cost_line, leaderboard, make_trainer
-from popvec.search_space import SearchSpace
+from popvec.data import TensorSplit
+from popvec.loaders import DeviceLoader
+from popvec.search.early_stopping import EarlyStopping
+from popvec.search.run import SearchResult, cost_line, leaderboard, make_trainer
+from popvec.search.space import SearchSpace
 from popvec.selection import Decision, MetricsTable, rank
 
 __all__ = ["PBT", "quantile_size", "pbt"]
@@ -152,7 +153,7 @@ def pbt(
 
     Member j is initialized with ``seed + j`` and the j-th sampled hyperparameters; batches are
     shared (``DeviceLoader(train, batch_size, seed=seed)``). ``early_stopping``: keyword arguments
-    of :class:`~popvec.early_stopping.EarlyStopping` (members it eliminates are not replaced).
+    of :class:`~popvec.search.early_stopping.EarlyStopping` (members it eliminates are not replaced).
     """
     console = console or Console()
     for name, value in (("population", population), ("steps", steps), ("batch_size", batch_size)):

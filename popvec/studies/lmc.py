@@ -7,7 +7,7 @@ same for every pair of a population's members (pairs x alphas, in chunks of pair
 :func:`instability` runs the spawning analysis of Frankle et al. (2020): one trunk, copies spawned
 at several steps k1 with the trunk's weights and optimizer state, every branch trained in one stack.
 
->>> res = popvec.lmc.interpolate(model_a, model_b, data=(x, y), alphas=25)
+>>> res = popvec.studies.lmc.interpolate(model_a, model_b, data=(x, y), alphas=25)
 >>> res.loss_barrier, res.error_barrier, res.l2
 """
 
@@ -28,7 +28,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from popvec import optim
 from popvec.checkpoint import save_checkpoint
-from popvec.data import DeviceLoader, TensorSplit, iterate_batches
+from popvec.data import TensorSplit
+from popvec.loaders import DeviceLoader, iterate_batches
 from popvec.engine import LossFn, TrainStep, batch_accuracy, evaluate
 from popvec.population import Population, architecture_mismatch, as_index
 

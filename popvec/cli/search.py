@@ -1,7 +1,7 @@
 """``popvec hyperband`` and ``popvec pbt``: hyperparameter search on the built-in data in one stack.
 
 A resource unit is ``--unit-steps`` training steps (default 1). The search space comes from
-``--space FILE`` (TOML/YAML, see :mod:`popvec.search_space`) and/or range flags
+``--space FILE`` (TOML/YAML, see :mod:`popvec.search.space`) and/or range flags
 (``--lr-range 1e-4,1e-1`` is log-uniform; so are ``--weight-decay-range`` and ``--clip-range``
 when their low end is > 0; ``--momentum-range`` and ``--label-smoothing-range`` are uniform).
 The run folder gets config.json, history.json, leaderboard.json, summary.json, winner.pt and
@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from popvec.argtypes import number, number_pair, positive_float, positive_int
+from popvec.cli.argtypes import number, number_pair, positive_float, positive_int
 from popvec.data import DATASET_NAMES, load_dataset
 from popvec.models import MODEL_NAMES, model_factory, required_image_size
 from popvec.report import leaderboard_table, write_json
-from popvec.search_plots import MissingMatplotlib, plot_hyperband, plot_pbt_hparams, plot_pbt_lineage
-from popvec.search_run import SearchResult, flat_rows
+from popvec.search.plots import MissingMatplotlib, plot_hyperband, plot_pbt_hparams, plot_pbt_lineage
+from popvec.search.run import SearchResult, flat_rows
 from popvec.losses import LOSS_HPARAMS
-from popvec.search_space import OPTIMIZER_HPARAMS, OPTIMIZERS, LogUniform, SearchSpace, Uniform, load_space
+from popvec.search.space import OPTIMIZER_HPARAMS, OPTIMIZERS, LogUniform, SearchSpace, Uniform, load_space
 
 __all__ = ["register"]
 
@@ -170,7 +170,7 @@ def _flag_names(message: str) -> str:
 
 # ---------------------------------------------------------------------------- commands
 def _run_hyperband(args: argparse.Namespace, parser: argparse.ArgumentParser, console: Console) -> int:
-    from popvec.hyperband import hyperband, hyperband_brackets
+    from popvec.search.hyperband import hyperband, hyperband_brackets
 
     try:
         hyperband_brackets(args.max_t, args.grace_period, args.reduction_factor, args.brackets)
@@ -194,7 +194,7 @@ def _run_hyperband(args: argparse.Namespace, parser: argparse.ArgumentParser, co
 
 
 def _run_pbt(args: argparse.Namespace, parser: argparse.ArgumentParser, console: Console) -> int:
-    from popvec.pbt import pbt
+    from popvec.search.pbt import pbt
 
     space = _space(args, parser)
     data, model_fn, out, device = _setup(args, parser, console)

@@ -148,7 +148,7 @@ def evaluate_ensemble(
     batch_size: int = 1024,
 ) -> dict[str, float]:
     """Ensemble ``{"loss", "accuracy"}`` over ``(x, y)``, a ``TensorSplit`` or a DataLoader."""
-    from popvec.data import iterate_batches
+    from popvec.loaders import iterate_batches
 
     _check_method(method)
     pop = _as_population(population)
@@ -464,7 +464,7 @@ class JointTrainer:
     @torch.no_grad()
     def evaluate(self, data: Any, batch_size: int = 1024) -> dict[str, float]:
         """Fused ``{"loss", "accuracy"}`` over ``(x, y)``, a ``TensorSplit`` or a DataLoader."""
-        from popvec.data import iterate_batches
+        from popvec.loaders import iterate_batches
 
         total, correct, count = 0.0, 0, 0
         for x, y in iterate_batches(data, batch_size):
