@@ -33,6 +33,9 @@ __all__ = [
     "clip_grad_norm",
     "grad_norm",
     "build",
+    "make",
+    "OPTIMIZERS",
+    "OPTIMIZER_HPARAMS",
 ]
 
 HParam = float | Sequence[float] | Tensor
@@ -408,6 +411,38 @@ class AdamW(Adam):
         schedule: Schedule | None = None,
     ) -> None:
         super().__init__(population, lr, betas, eps, weight_decay, max_grad_norm, schedule)
+
+
+#: The vectorized optimizers by name: the one registry that commands, search spaces and studies use.
+OPTIMIZERS: dict[str, type[PopulationOptimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+#: The per-member hyperparameters each registered optimizer takes, by flat name (``beta1``/``beta2``, not ``betas``).
+OPTIMIZER_HPARAMS: dict[str, tuple[str, ...]] = {
+    "sgd": ("lr", "momentum", "dampening", "weight_decay", "max_grad_norm"),
+    "adam": ("lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm"),
+    "adamw": ("lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm"),
+}
+
+
+def make(name: str, population: Population, schedule: Schedule | None = None, nesterov: bool = False, **hparams: HParam) -> PopulationOptimizer:
+    """Registered optimizer ``name`` over ``population``, hyperparameters by flat name (floats or ``[N]``).
+
+    ``make("sgd", pop, lr=0.05, momentum=0.9)``; ``make("adam", pop, lr=[...], beta2=0.99)``. A name
+    the optimizer does not take is refused, naming what it takes.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    known = OPTIMIZER_HPARAMS[name]
+    unknown = sorted(set(hparams) - set(known))
+    if unknown:
+        raise ValueError(f"hyperparameter {unknown[0]!r} does not apply to {name} (it takes {', '.join(known)})")
+    kwargs: dict[str, Any] = dict(hparams)
+    if name == "sgd":
+        kwargs["nesterov"] = nesterov
+    elif nesterov:
+        raise ValueError(f"nesterov applies to sgd only, not {name}")
+    if "beta1" in kwargs or "beta2" in kwargs:
+        kwargs["betas"] = (kwargs.pop("beta1", 0.9), kwargs.pop("beta2", 0.999))
+    return OPTIMIZERS[name](population, schedule=schedule, **kwargs)
 
 
 ELEMENTWISE_TORCH_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (

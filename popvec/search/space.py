@@ -47,13 +47,8 @@ __all__ = [
     "OPTIMIZERS",
 ]
 
-OPTIMIZERS: dict[str, type[optim.PopulationOptimizer]] = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}
-#: hyperparameters each vectorized optimizer takes per member
-OPTIMIZER_HPARAMS: dict[str, tuple[str, ...]] = {
-    "sgd": ("lr", "momentum", "dampening", "weight_decay", "max_grad_norm"),
-    "adam": ("lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm"),
-    "adamw": ("lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm"),
-}
+OPTIMIZERS = optim.OPTIMIZERS
+OPTIMIZER_HPARAMS = optim.OPTIMIZER_HPARAMS
 
 
 def _number(where: str, value: Any) -> float:
@@ -287,16 +282,13 @@ def build_optimizer(
     if kind not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
     known = OPTIMIZER_HPARAMS[kind]
-    n = population.n
     loss = {}
     kwargs: dict[str, Any] = {}
     for name, v in values.items():
         if name in LOSS_HPARAMS:
-            loss[name] = optim.as_member_values(name, v, n, population.device)
+            loss[name] = optim.as_member_values(name, v, population.n, population.device)
         elif name in known:
             kwargs[name] = v
         else:
             raise ValueError(f"hyperparameter {name!r} does not apply to {kind} (it takes {', '.join(known + LOSS_HPARAMS)})")
-    if kind != "sgd" and ("beta1" in kwargs or "beta2" in kwargs):
-        kwargs["betas"] = (kwargs.pop("beta1", 0.9), kwargs.pop("beta2", 0.999))
-    return OPTIMIZERS[kind](population, **kwargs), loss
+    return optim.make(kind, population, **kwargs), loss

@@ -223,9 +223,8 @@ def build_optimizer(
     """The study's optimizer. ``max_grad_norm=inf`` clips nothing but returns each member's gradient norm."""
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}; got {name!r}")
-    if name == "sgd":
-        return optim.SGD(population, lr=lr, momentum=momentum, weight_decay=weight_decay, max_grad_norm=math.inf)
-    return optim.Adam(population, lr=lr, weight_decay=weight_decay, max_grad_norm=math.inf)
+    extra = {"momentum": momentum} if name == "sgd" else {}
+    return optim.make(name, population, lr=lr, weight_decay=weight_decay, max_grad_norm=math.inf, **extra)
 
 
 @torch.no_grad()
