@@ -198,15 +198,27 @@ class Population:
         return f"Population({type(self.skeleton).__name__}, n={self.n}, params_per_member={count}, device={self.device})"
 
     # ------------------------------------------------------------------ selection
+    def take(self, indices: IndexLike) -> Population:
+        """A new population of members ``indices`` (keep/reorder/copy); this one is left as it is.
+
+        The new population shares the skeleton and owns fresh ``[len(indices), ...]`` stacks.
+        """
+        index = as_index(indices, self.n, self.device)
+        return Population(
+            self.skeleton,
+            {k: v.index_select(0, index) for k, v in self.params.items()},
+            {k: v.index_select(0, index) for k, v in self.buffers.items()},
+            ids=self.ids.index_select(0, index.cpu()),
+            trainable=self.trainable,
+        )
+
     def select(self, indices: IndexLike) -> Population:
         """Keep, reorder or copy members in place: member j becomes old member ``indices[j]``.
 
         Repeated indices copy a member (its id is repeated too). Returns ``self``.
         """
-        index = as_index(indices, self.n, self.device)
-        self.params = {k: v.index_select(0, index) for k, v in self.params.items()}
-        self.buffers = {k: v.index_select(0, index) for k, v in self.buffers.items()}
-        self.ids = self.ids.index_select(0, index.cpu())
+        taken = self.take(indices)
+        self.params, self.buffers, self.ids = taken.params, taken.buffers, taken.ids
         return self
 
     def spawn(self, indices: IndexLike, copies: int = 2) -> Population:

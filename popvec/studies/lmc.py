@@ -210,17 +210,6 @@ def _paths(a: Population, b: Population, alphas: Tensor, spec: _Evaluation, shor
     return metrics["loss"].cpu().view(shape), (1.0 - metrics["accuracy"]).cpu().view(shape), used
 
 
-def _take(population: Population, index: Tensor) -> Population:
-    """A new population of the members ``index`` (the source is left as it is)."""
-    index = index.to(population.device)
-    return Population(
-        population.skeleton,
-        {k: v.index_select(0, index) for k, v in population.params.items()},
-        {k: v.index_select(0, index) for k, v in population.buffers.items()},
-        trainable=population.trainable,
-    )
-
-
 def _pair_barriers(population: Population, first: Tensor, second: Tensor, alphas: Tensor, spec: _Evaluation, pair_chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """Loss barrier, error barrier and L2 distance ``[P]`` between members ``first[p]`` and ``second[p]``.
 
@@ -231,7 +220,7 @@ def _pair_barriers(population: Population, first: Tensor, second: Tensor, alphas
     full = _grid(alphas)[0]
     rows = []
     for i, j in zip(first.split(pair_chunk_size), second.split(pair_chunk_size)):
-        a, b = _take(population, i), _take(population, j)
+        a, b = population.take(i), population.take(j)
         loss, error, _ = _paths(a, b, full, spec)
         barriers = [barrier(interpolation_gap(curve, full)) for curve in (loss, error)]
         rows.append(torch.stack([*barriers, l2_distance(a.params, b.params).float().cpu()], dim=1))
