@@ -114,7 +114,7 @@ def digits() -> object:
 def test_pbt_run_records_lineage_and_is_seeded(digits, single_thread) -> None:
     mf = model_factory("mlp", digits.input_shape, 10, hidden=(16,))
     space = SearchSpace({"lr": LogUniform(1e-3, 1e-1)})
-    kw = dict(population=6, perturbation_interval=5, steps=20, batch_size=32, seed=4, progress=False)
+    kw = dict(num_models=6, perturbation_interval=5, steps=20, batch_size=32, seed=4, progress=False)
     a = pbt(mf, space, digits.train, digits.val, digits.test, **kw)
     b = pbt(mf, space, digits.train, digits.val, digits.test, **kw)
     lineage = a.history["lineage"]

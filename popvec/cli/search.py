@@ -200,7 +200,7 @@ def _run_pbt(args: argparse.Namespace, parser: argparse.ArgumentParser, console:
     data, model_fn, out, device = _setup(args, parser, console)
     try:
         result = pbt(
-            model_fn, space, data.train, data.val, data.test, population=args.population,
+            model_fn, space, data.train, data.val, data.test, num_models=args.population,
             perturbation_interval=args.perturbation_interval, steps=args.steps, quantile_fraction=args.quantile_fraction,
             resample_probability=args.resample_probability, optimizer=args.optimizer, batch_size=args.batch_size,
             seed=args.seed, device=device, early_stopping=_early(args), console=console, progress=not args.no_progress,

@@ -133,7 +133,8 @@ def pbt(
     val: Any,
     test: Any | None = None,
     *,
-    population: int = 16,
+    num_models: int = 16,
+    population: int | None = None,
     perturbation_interval: int = 50,
     steps: int = 1000,
     quantile_fraction: float = 0.25,
@@ -149,19 +150,25 @@ def pbt(
     progress: bool = True,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> SearchResult:
-    """Run PBT with ``population`` members sampled from ``space`` for ``steps`` steps.
+    """Run PBT with ``num_models`` members sampled from ``space`` for ``steps`` steps.
+
+    ``population`` is the earlier name of ``num_models`` (still accepted).
 
     Member j is initialized with ``seed + j`` and the j-th sampled hyperparameters; batches are
     shared (``DeviceLoader(train, batch_size, seed=seed)``). ``early_stopping``: keyword arguments
     of :class:`~popvec.search.early_stopping.EarlyStopping` (members it eliminates are not replaced).
     """
     console = console or Console()
-    for name, value in (("population", population), ("steps", steps), ("batch_size", batch_size)):
+    if population is not None:
+        if num_models != 16 and num_models != population:
+            raise ValueError(f"num_models and population name the same setting; got {num_models} and {population}")
+        num_models = population
+    for name, value in (("num_models", num_models), ("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     policy = PBT(perturbation_interval, space, quantile_fraction, resample_probability, metric=metric, descending=descending, seed=seed, final_step=steps)
     wrapped: Any = EarlyStopping(policy, metric=metric, descending=descending, **early_stopping) if early_stopping else policy
-    values = space.sample(population, seed)
+    values = space.sample(num_models, seed)
     trainer = make_trainer(model_fn, values, optimizer, seed, device, console, progress)
     best: dict[str, Any] = {}
 
@@ -181,7 +188,7 @@ def pbt(
             on_round(record)
 
     console.print(
-        f"PBT: {population} members, {steps} steps, perturbation every {perturbation_interval} steps, quantile "
+        f"PBT: {num_models} members, {steps} steps, perturbation every {perturbation_interval} steps, quantile "
         f"{quantile_fraction}, resample probability {resample_probability}"
     )
     initial = {"step": 0, "ids": trainer.population.ids.tolist(), "hparams": {k: list(v) for k, v in values.items()}}
@@ -199,7 +206,7 @@ def pbt(
     history = {
         "kind": "pbt",
         "config": {
-            "population": population, "perturbation_interval": perturbation_interval, "steps": steps,
+            "num_models": num_models, "perturbation_interval": perturbation_interval, "steps": steps,
             "quantile_fraction": quantile_fraction, "resample_probability": resample_probability, "optimizer": optimizer,
             "batch_size": batch_size, "seed": seed, "metric": metric, "space": space.to_dict(),
         },
