@@ -1,9 +1,9 @@
 """The training step and evaluation: one vmapped forward/backward for all N members.
 
-``population_grads`` is the pure core: ``(params, buffers, batch) -> (grads, losses)`` as one
-``vmap(grad_and_value(loss))`` call. ``TrainStep`` binds it to a population and an optimizer
-(optionally under ``torch.compile``); ``evaluate`` computes per-member loss and accuracy over a
-whole dataset in bounded chunks.
+:func:`make_grad_fn` is the pure core: ``(trainable, frozen, buffers, x, y) -> (grads, losses)`` as
+one ``vmap(grad_and_value(loss))`` call. :class:`TrainStep` binds it to a population and an
+optimizer (optionally under ``torch.compile`` or recorded as a CUDA graph); :func:`evaluate`
+computes per-member loss and accuracy over a whole dataset in bounded chunks.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
-from popvec.optim import grad_norm
+from popvec.optim import Optimizer, grad_norm
 from popvec.population import Population, as_mask, check_batch
 
 __all__ = ["LossFn", "make_grad_fn", "TrainStep", "evaluate", "batch_accuracy"]
@@ -79,7 +79,7 @@ class TrainStep:
     def __init__(
         self,
         population: Population,
-        optimizer: Any,
+        optimizer: Optimizer,
         loss_fn: LossFn = F.cross_entropy,
         compile: bool = False,
         cuda_graph: bool | None = None,
@@ -98,52 +98,60 @@ class TrainStep:
         self._warm_key: tuple[Any, ...] | None = None
         self._warm_count = 0
         self.last_grad_norm: Tensor | None = None
-        #: per-member loss hyperparameters (``[N]`` tensors) passed to ``loss_fn`` as keywords
-        self.loss_hparams: dict[str, Tensor] = {}
         #: keep ``grad_norm_max``, each member's largest gradient norm since the last reset (eager steps)
         self.track_grad_norm = False
         self.grad_norm_max: Tensor | None = None
 
-    def _grad_fn(self, per_member: bool) -> Callable[..., Any]:
-        key: Any = (per_member, "loss_hparams") if self.loss_hparams else per_member
+    def _grad_fn(self, per_member: bool, with_loss_hparams: bool) -> Callable[..., Any]:
+        key = (per_member, with_loss_hparams)
         if key not in self._grad_fns:
-            fn = make_grad_fn(self.population, self.loss_fn, per_member, self.member_chunk_size, bool(self.loss_hparams))
+            fn = make_grad_fn(self.population, self.loss_fn, per_member, self.member_chunk_size, with_loss_hparams)
             self._grad_fns[key] = torch.compile(fn) if self.compile else fn
         return self._grad_fns[key]
 
-    def __call__(self, x: Tensor, y: Tensor, per_member: bool = False, mask: Tensor | None = None) -> Tensor:
+    def __call__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        per_member: bool = False,
+        mask: Tensor | None = None,
+        loss_hparams: dict[str, Tensor] | None = None,
+    ) -> Tensor:
         """Train every member on its batch once; returns the per-member losses ``[N]`` (detached).
 
         ``mask`` (``[N]`` bools): only members marked True train; the others keep their
         parameters, buffers (BatchNorm statistics), optimizer state and step count exactly (their
         losses are still computed). A masked step always runs eagerly, never as a CUDA graph.
+        ``loss_hparams``: per-member loss hyperparameters (``[N]`` tensors) passed to ``loss_fn``
+        as keywords (member i gets ``v[i]``).
         """
         pop = self.population
         check_batch(x, pop.n, per_member, "x")
         check_batch(y, pop.n, per_member, "y")
+        loss_hparams = loss_hparams or {}
         if mask is not None:
-            return self._masked_step(x, y, per_member, as_mask(mask, pop.n, pop.device))
+            return self._masked_step(x, y, per_member, as_mask(mask, pop.n, pop.device), loss_hparams)
         if self._graphs_enabled(x):
-            return self._graph_step(x, y, per_member)
-        return self._eager_step(x, y, per_member)
+            return self._graph_step(x, y, per_member, loss_hparams)
+        return self._eager_step(x, y, per_member, loss_hparams)
 
-    def _eager_step(self, x: Tensor, y: Tensor, per_member: bool, mask: Tensor | None = None) -> Tensor:
+    def _eager_step(self, x: Tensor, y: Tensor, per_member: bool, loss_hparams: dict[str, Tensor], mask: Tensor | None = None) -> Tensor:
         pop = self.population
         trainable = {k: pop.params[k] for k in pop.trainable}
         frozen = {k: v for k, v in pop.params.items() if k not in trainable}
         pop.train()
-        extra = (self.loss_hparams,) if self.loss_hparams else ()
-        grads, losses = self._grad_fn(per_member)(trainable, frozen, pop.buffers, x, y, *extra)
+        extra = (loss_hparams,) if loss_hparams else ()
+        grads, losses = self._grad_fn(per_member, bool(loss_hparams))(trainable, frozen, pop.buffers, x, y, *extra)
         if self.track_grad_norm:
             norms = grad_norm([grads[k] for k in pop.trainable])
             self.grad_norm_max = norms if self.grad_norm_max is None else torch.maximum(self.grad_norm_max, norms)
         self.last_grad_norm = self.optimizer.step(grads) if mask is None else self.optimizer.step(grads, mask=mask)
         return losses.detach()
 
-    def _masked_step(self, x: Tensor, y: Tensor, per_member: bool, mask: Tensor) -> Tensor:
+    def _masked_step(self, x: Tensor, y: Tensor, per_member: bool, mask: Tensor, loss_hparams: dict[str, Tensor]) -> Tensor:
         """An eager step whose masked members' buffers are restored (the optimizer restores the rest)."""
         saved = {k: v.clone() for k, v in self.population.buffers.items()}
-        losses = self._eager_step(x, y, per_member, mask)
+        losses = self._eager_step(x, y, per_member, loss_hparams, mask)
         for k, old in saved.items():
             buf = self.population.buffers[k]
             buf.copy_(torch.where(mask.view(-1, *([1] * (buf.dim() - 1))), buf, old))
@@ -153,24 +161,24 @@ class TrainStep:
     def _graphs_enabled(self, x: Tensor) -> bool:
         if self.track_grad_norm:  # the running maximum is host-managed state: eager steps only
             return False
-        capable = x.is_cuda and hasattr(self.optimizer, "graph_key") and not self.compile
+        capable = x.is_cuda and self.optimizer.cuda_graph_capable and not self.compile
         if self.cuda_graph is None:
             return capable
         if self.cuda_graph and not capable:
             raise ValueError("cuda_graph=True needs CUDA tensors, a popvec optimizer (not from_torch) and compile=False")
         return self.cuda_graph
 
-    def _key(self, x: Tensor, y: Tensor, per_member: bool) -> tuple[Any, ...]:
+    def _key(self, x: Tensor, y: Tensor, per_member: bool, loss_hparams: dict[str, Tensor]) -> tuple[Any, ...]:
         pop = self.population
         stacks = [*pop.params.values(), *pop.buffers.values()]
         return (
             per_member, tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, tuple(pop.trainable),
             tuple((t.data_ptr(), tuple(t.shape)) for t in stacks), self.optimizer.graph_key(),
-            tuple((k, t.data_ptr(), tuple(t.shape)) for k, t in self.loss_hparams.items()),
+            tuple((k, t.data_ptr(), tuple(t.shape)) for k, t in loss_hparams.items()),
         )
 
-    def _graph_step(self, x: Tensor, y: Tensor, per_member: bool) -> Tensor:
-        key = self._key(x, y, per_member)
+    def _graph_step(self, x: Tensor, y: Tensor, per_member: bool, loss_hparams: dict[str, Tensor]) -> Tensor:
+        key = self._key(x, y, per_member, loss_hparams)
         if self._graph is not None and self._graph.key == key:
             return self._graph.replay(x, y, self.optimizer)
         self._graph = None
@@ -182,16 +190,16 @@ class TrainStep:
             side = torch.cuda.Stream(device=x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(side):
-                losses = self._eager_step(x, y, per_member)
+                losses = self._eager_step(x, y, per_member, loss_hparams)
             torch.cuda.current_stream(x.device).wait_stream(side)
             return losses
         static_x, static_y = x.clone(), y.clone()
         graph = torch.cuda.CUDAGraph()
-        host_state = self.optimizer._shared_step
+        host_state = self.optimizer.host_state()
         with torch.cuda.graph(graph):
-            static_losses = self._eager_step(static_x, static_y, per_member)
+            static_losses = self._eager_step(static_x, static_y, per_member, loss_hparams)
         # Recording ran the host-side bookkeeping once but trained nothing: undo it; replays tick.
-        self.optimizer._shared_step = host_state
+        self.optimizer.restore_host_state(host_state)
         self._graph = _RecordedStep(key, graph, static_x, static_y, static_losses)
         return self._graph.replay(x, y, self.optimizer)
 
@@ -202,7 +210,7 @@ class _RecordedStep:
     def __init__(self, key: tuple[Any, ...], graph: Any, x: Tensor, y: Tensor, losses: Tensor) -> None:
         self.key, self.graph, self.x, self.y, self.losses = key, graph, x, y, losses
 
-    def replay(self, x: Tensor, y: Tensor, optimizer: Any) -> Tensor:
+    def replay(self, x: Tensor, y: Tensor, optimizer: Optimizer) -> Tensor:
         self.x.copy_(x)
         self.y.copy_(y)
         self.graph.replay()

@@ -10,6 +10,7 @@ saves/restores its position so a resumed run sees exactly the same batches.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -270,12 +271,25 @@ def iterate_batches(
 # Batch sources (what the trainer draws from)
 # --------------------------------------------------------------------------- #
 class BatchSource(Protocol):
+    """Where the trainer's batches come from: shared batches, or one batch per member (``[N, B, ...]``)."""
+
     per_member: bool
     steps_per_epoch: int
 
+    @property
+    def num_members(self) -> int | None:
+        """N for per-member batches, None for shared ones."""
+        ...
+
     def next_batch(self) -> tuple[Tensor, Tensor]: ...
 
-    def select(self, index: Tensor) -> None: ...
+    def select(self, index: Tensor) -> None:
+        """Follow a member selection in place (per-member orders are kept, reordered or copied)."""
+        ...
+
+    def take(self, index: Tensor) -> BatchSource:
+        """Called on a shallow copy of the source: follow ``index`` without touching the original."""
+        ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -293,9 +307,18 @@ class DeviceSource:
     def next_batch(self) -> tuple[Tensor, Tensor]:
         return self.loader.next_batch()
 
+    @property
+    def num_members(self) -> int | None:
+        return self.loader.num_members
+
     def select(self, index: Tensor) -> None:
         if self.per_member:
             self.loader.select(index.cpu())
+
+    def take(self, index: Tensor) -> DeviceSource:
+        self.loader = copy.copy(self.loader)  # DeviceLoader.select replaces its tensors: the original keeps its own
+        self.select(index)
+        return self
 
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
@@ -342,8 +365,13 @@ class LoaderSource:
         self.position += 1
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    num_members = None
+
     def select(self, index: Tensor) -> None:
         """Shared batches: nothing depends on the members."""
+
+    def take(self, index: Tensor) -> LoaderSource:
+        return self
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "epoch_rng": self._epoch_rng}

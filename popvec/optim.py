@@ -13,8 +13,10 @@ tensor.
 
 from __future__ import annotations
 
+import copy
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -23,6 +25,7 @@ from popvec.schedules import Schedule
 from popvec.population import IndexLike, Population, as_index, as_mask
 
 __all__ = [
+    "Optimizer",
     "PopulationOptimizer",
     "SGD",
     "Adam",
@@ -86,6 +89,52 @@ def _check_range(name: str, values: Tensor, low: float, high: float | None = Non
         raise ValueError(f"{name} must lie in {allowed}, got {values.tolist()}")
 
 
+@runtime_checkable
+class Optimizer(Protocol):
+    """What the engine and the state need of an optimizer; both families (:class:`PopulationOptimizer`,
+    :class:`TorchOptimizer`) implement it.
+
+    ``hparams`` holds the per-member hyperparameters (``[N]`` tensors) by name. ``cuda_graph_capable``
+    says whether a step can be recorded as a CUDA graph (then ``graph_key``, ``tick``, ``host_state``
+    and ``restore_host_state`` are meaningful).
+    """
+
+    population: Population
+    hparams: dict[str, Tensor]
+    cuda_graph_capable: bool
+
+    @property
+    def n(self) -> int: ...
+
+    def step(self, grads: dict[str, Tensor], mask: Tensor | Sequence[bool] | None = None) -> Tensor | None:
+        """Update the population in place from ``grads`` (``[N, ...]`` by trainable name); grad norms ``[N]`` if clipping."""
+        ...
+
+    def current_lr(self) -> Tensor: ...
+
+    def set_hparam(self, name: str, values: HParam) -> None: ...
+
+    def select(self, indices: IndexLike) -> Optimizer:
+        """Keep, reorder or copy members' state in place (after ``population.select`` with the same indices)."""
+        ...
+
+    def take(self, indices: IndexLike, population: Population) -> Optimizer:
+        """A new optimizer of members ``indices`` bound to ``population`` (their ``take``); this one is untouched."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Optimizer: ...
+
+    def graph_key(self) -> tuple[Any, ...]: ...
+
+    def tick(self) -> None: ...
+
+    def host_state(self) -> Any: ...
+
+    def restore_host_state(self, state: Any) -> None: ...
+
+
 class PopulationOptimizer:
     """Base of the vectorized optimizers: hyperparameters ``[N]``, stacked state, selection.
 
@@ -99,6 +148,7 @@ class PopulationOptimizer:
     state_names: tuple[str, ...] = ()
     #: hyperparameters the fused kernel needs shared by all members
     shared_for_fused: tuple[str, ...] = ()
+    cuda_graph_capable = True
 
     def __init__(
         self,
@@ -217,6 +267,13 @@ class PopulationOptimizer:
         if self._shared_step is not None:
             self._shared_step += 1
 
+    def host_state(self) -> Any:
+        """Host-side bookkeeping that a CUDA-graph recording runs once without training (the shared step count)."""
+        return self._shared_step
+
+    def restore_host_state(self, state: Any) -> None:
+        self._shared_step = state
+
     def fused_now(self) -> bool:
         return self.use_fused and self._shared_step is not None and len(self._shared) == len(self.shared_for_fused)
 
@@ -252,6 +309,12 @@ class PopulationOptimizer:
             self.schedule = self.schedule.select(index)
         self.hparams_changed()
         return self
+
+    def take(self, indices: IndexLike, population: Population) -> PopulationOptimizer:
+        """A new optimizer of members ``indices`` over ``population`` (``select`` replaces, never mutates, tensors)."""
+        taken = copy.copy(self)
+        taken.population = population
+        return taken.select(indices)
 
     def state_dict(self) -> dict[str, Any]:
         return {"hparams": dict(self.hparams), "state": {s: dict(d) for s, d in self.state.items()}, "steps": self.steps}
@@ -464,6 +527,8 @@ class TorchOptimizer:
     alone). Learning rates are shared by all members; clipping is still per member.
     """
 
+    cuda_graph_capable = False
+
     def __init__(
         self,
         population: Population,
@@ -486,6 +551,24 @@ class TorchOptimizer:
     @property
     def n(self) -> int:
         return self.population.n
+
+    def set_hparam(self, name: str, values: HParam) -> None:
+        """Only ``max_grad_norm`` is per member here (a ``torch.optim`` learning rate is shared by all members)."""
+        if name not in self.hparams:
+            raise ValueError(f"name must be one of {sorted(self.hparams)} for a torch.optim optimizer, got {name!r}")
+        self.hparams[name] = as_member_values(name, values, self.n, self.population.device)
+
+    def graph_key(self) -> tuple[Any, ...]:
+        return ()
+
+    def tick(self) -> None:
+        """Nothing on the host to count (``torch.optim`` keeps its own step counts)."""
+
+    def host_state(self) -> Any:
+        return None
+
+    def restore_host_state(self, state: Any) -> None:
+        """Nothing to restore."""
 
     def current_lr(self) -> Tensor:
         lr = float(self.optimizer.param_groups[0]["lr"])
@@ -566,6 +649,17 @@ class TorchOptimizer:
                 0, as_index(indices, self.hparams["max_grad_norm"].shape[0], self.population.device)
             )
         return self
+
+    def take(self, indices: IndexLike, population: Population) -> TorchOptimizer:
+        """A new optimizer of members ``indices`` over ``population``; the torch state dicts are copied first."""
+        taken = copy.copy(self)
+        taken.population = population
+        taken.hparams = dict(self.hparams)
+        inner = copy.copy(self.optimizer)
+        inner.state = defaultdict(dict, {p: dict(v) for p, v in self.optimizer.state.items()})
+        inner.param_groups = [dict(group) for group in self.optimizer.param_groups]
+        taken.optimizer = inner
+        return taken.select(indices)
 
     def state_dict(self) -> dict[str, Any]:
         return {"torch": self.optimizer.state_dict(), "hparams": dict(self.hparams)}

@@ -72,7 +72,9 @@ class Decision:
     ``ids``: the member id of each new position (default: the id of the member it came from; PBT
     gives a recipient its own id back). ``reasons``: ``{member_id: why}`` for members eliminated
     for a reason worth recording (early stopping, rung pruning). ``events``: free-form records kept
-    in the round (PBT lineage).
+    in the round (PBT lineage). ``active``: which new positions train from now on (one bool each);
+    the others are frozen by the step mask (weights, buffers, optimizer state kept exactly) until a
+    later decision activates them, and training ends when none is active (warm-start phases).
     """
 
     keep: list[int]
@@ -80,11 +82,14 @@ class Decision:
     ids: list[int] | None = None
     reasons: dict[int, str] = field(default_factory=dict)
     events: list[dict] = field(default_factory=list)
+    active: list[bool] | None = None
 
     def __post_init__(self) -> None:
         self.keep = [int(p) for p in self.keep]
         if self.ids is not None and len(self.ids) != len(self.keep):
             raise ValueError(f"ids must have one entry per kept position ({len(self.keep)}), got {len(self.ids)}")
+        if self.active is not None and len(self.active) != len(self.keep):
+            raise ValueError(f"active must have one entry per kept position ({len(self.keep)}), got {len(self.active)}")
 
 
 def as_decision(answer: Decision | list[int]) -> Decision:

@@ -8,7 +8,7 @@ initializations built on it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,13 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from popvec import optim
+from popvec.callbacks import Callback, ConsoleReporter, OnRound
 from popvec.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from popvec.engine import LossFn, TrainStep, evaluate
+from popvec.loaders import as_source
 from popvec.population import IndexLike, Population, as_index, as_mask
-from popvec.report import make_progress, round_table
 from popvec.selection import Decision, MetricsTable, SelectionPolicy, SuccessiveHalving, as_decision, check_reduce_factor
-from popvec.loaders import BatchSource, as_source
+from popvec.state import PopulationState
 
 __all__ = ["PopulationTrainer", "MultipleInitializationsTrainer", "CHECKPOINT_NAME"]
 
@@ -33,15 +34,19 @@ CHECKPOINT_NAME = "checkpoint.pt"
 class PopulationTrainer:
     """Trains a population with one vmapped step per batch and applies selection decisions.
 
-    ``history`` holds one record per decision round (per member id: train loss, validation
-    loss and accuracy, kept or not) and the cost of the run (member-steps spent vs training
-    every initial member for the whole budget).
+    Everything per member lives in one :class:`~popvec.state.PopulationState` (``trainer.state``):
+    parameters, buffers, optimizer state, hyperparameters, the active mask and the data order; a
+    selection slices all of it at once. ``history`` holds one record per decision round (per member
+    id: train loss, validation loss and accuracy, kept or not) and the cost of the run (member-steps
+    spent vs training every initial member for the whole budget). The loop prints nothing: progress
+    and tables come from ``callbacks`` (default: one :class:`~popvec.callbacks.ConsoleReporter` on
+    ``console``, its live bar shown when ``progress``).
     """
 
     def __init__(
         self,
         population: Population,
-        optimizer: optim.PopulationOptimizer | optim.TorchOptimizer,
+        optimizer: optim.Optimizer,
         loss_fn: LossFn = F.cross_entropy,
         compile: bool = False,
         eval_batch_size: int = 1024,
@@ -50,15 +55,13 @@ class PopulationTrainer:
         cuda_graph: bool | None = None,
         member_chunk_size: int | None = None,
         loss_hparams: dict[str, optim.HParam] | None = None,
+        callbacks: Sequence[Callback] | None = None,
     ) -> None:
-        if optimizer.population is not population:
-            raise ValueError("optimizer must be built on the same population the trainer trains")
-        self.population = population
-        self.optimizer = optimizer
+        self.state = PopulationState(population, optimizer, loss_hparams)
         self.loss_fn = loss_fn
         self.eval_batch_size = eval_batch_size
         self.console = console or Console()
-        self.progress = progress
+        self.callbacks: list[Callback] = list(callbacks) if callbacks is not None else [ConsoleReporter(self.console, progress)]
         self._train_step = TrainStep(population, optimizer, loss_fn, compile, cuda_graph, member_chunk_size)
         self.global_step = 0
         self.member_steps = 0
@@ -66,31 +69,39 @@ class PopulationTrainer:
         self.wall_time = 0.0
         self.initial_n = population.n
         self.history: dict[str, Any] = {"rounds": [], "cost": {}}
-        self._source: BatchSource | None = None
-        self._pending_source_state: dict[str, Any] | None = None
-        #: print each decision round's table (search runners print their own summary instead)
-        self.print_rounds = True
-        for name, values in (loss_hparams or {}).items():
-            self._train_step.loss_hparams[name] = optim.as_member_values(name, values, population.n, population.device)
+        # Training loss summed since the last decision (saved in checkpoints, so a resumed round reports the same).
+        self._loss_sum: Tensor | None = None
+        self._loss_count = 0
+        self._policy: SelectionPolicy | None = None
+        self._fit_callbacks: list[Callback] = []
+        self._pending_extra: dict[str, Any] = {}
 
-    # ------------------------------------------------------------------ hyperparameters
+    # ------------------------------------------------------------------ the state's parts
+    @property
+    def population(self) -> Population:
+        return self.state.population
+
+    @property
+    def optimizer(self) -> optim.Optimizer:
+        return self.state.optimizer
+
     @property
     def loss_hparams(self) -> dict[str, Tensor]:
         """Per-member loss hyperparameters (``[N]`` tensors), passed to ``loss_fn`` as keywords."""
-        return self._train_step.loss_hparams
+        return self.state.loss_hparams
+
+    @property
+    def last_grad_norm(self) -> Tensor | None:
+        """Each member's gradient norm at the last step (``[N]``) when the optimizer clips, else None."""
+        return self._train_step.last_grad_norm
 
     def hparams(self) -> dict[str, Tensor]:
         """Every per-member hyperparameter by name: the optimizer's and the loss function's (``[N]`` each)."""
-        return {**getattr(self.optimizer, "hparams", {}), **self.loss_hparams}
+        return self.state.hparams()
 
     def set_hparam(self, name: str, values: optim.HParam) -> None:
         """Replace hyperparameter ``name`` (a float or one value per member) of the optimizer or the loss."""
-        if name in self.loss_hparams:
-            self.loss_hparams[name] = optim.as_member_values(name, values, self.population.n, self.population.device)
-        elif name in getattr(self.optimizer, "hparams", {}):
-            self.optimizer.set_hparam(name, values)
-        else:
-            raise ValueError(f"name must be one of {sorted(self.hparams())}, got {name!r}")
+        self.state.set_hparam(name, values)
 
     # ------------------------------------------------------------------ primitives
     def step(self, x: Tensor, y: Tensor, per_member: bool = False, mask: Tensor | None = None) -> Tensor:
@@ -100,11 +111,11 @@ class PopulationTrainer:
         were (parameters, buffers, optimizer state); the cost counters count the active ones.
         """
         if mask is None:
-            losses = self._train_step(x, y, per_member)
+            losses = self._train_step(x, y, per_member, loss_hparams=self.state.loss_hparams)
             active = self.population.n
         else:
             mask = as_mask(mask, self.population.n, self.population.device)
-            losses = self._train_step(x, y, per_member, mask=mask)
+            losses = self._train_step(x, y, per_member, mask=mask, loss_hparams=self.state.loss_hparams)
             active = int(mask.sum())
         self.global_step += 1
         self.member_steps += active
@@ -118,14 +129,11 @@ class PopulationTrainer:
         return evaluate(self.population, data, self.loss_fn, batch_size or self.eval_batch_size)
 
     def select(self, indices: IndexLike) -> None:
-        """Keep, reorder or copy members; parameters, buffers, optimizer state and data order follow."""
+        """Keep, reorder or copy members: every per-member field of the state follows (one index)."""
         index = as_index(indices, self.population.n, self.population.device)
-        self.population.select(index)
-        self.optimizer.select(index)
-        if self._source is not None:
-            self._source.select(index)
-        for name, values in self.loss_hparams.items():
-            self.loss_hparams[name] = values.index_select(0, index)
+        self.state.select(index)
+        if self._loss_sum is not None:
+            self._loss_sum = self._loss_sum.index_select(0, index)
         self._train_step.grad_norm_max = None
 
     # ------------------------------------------------------------------ the loop
@@ -137,55 +145,72 @@ class PopulationTrainer:
         policy: SelectionPolicy | None = None,
         checkpoint_path: str | Path | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
+        checkpoint_every: int | None = None,
     ) -> dict[str, Any]:
-        """Train until ``steps`` global steps, consulting ``policy`` at the steps it asks for.
+        """Train until global step ``steps``, consulting ``policy`` at the steps it asks for.
 
         ``train_data`` is a DataLoader-like iterable (shared batches) or a ``DeviceLoader``
-        (shared, or per-member orders). After each decision the round is recorded in
-        ``history``, printed, and (with ``checkpoint_path``) checkpointed atomically. A trainer
-        restored with :meth:`load_checkpoint` continues where the checkpoint was taken.
+        (shared, or per-member orders). At each decision the members are evaluated on
+        ``val_data``, the policy's answer is applied to the whole state (a :class:`Decision` may
+        also set hyperparameters and which members stay active), the round is recorded in
+        ``history``, checkpointed (with ``checkpoint_path``) and handed to the callbacks.
+        ``checkpoint_every``: also checkpoint every that many steps between decisions. Training
+        ends early when a decision leaves no member active. A trainer restored with
+        :meth:`load_checkpoint` continues exactly where the checkpoint was taken.
         """
-        if not isinstance(steps, int) or steps < 0:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be None or an integer >= 1, got {checkpoint_every!r}")
         source = as_source(train_data, self.population.device)
-        if self._pending_source_state is not None:
-            # Restore first: a resumed per-member loader takes its member count from the checkpoint.
-            source.load_state_dict(self._pending_source_state)
-            self._pending_source_state = None
-        if source.per_member and getattr(getattr(source, "loader", None), "num_members", None) != self.population.n:
-            raise ValueError("a per-member DeviceLoader must have num_members equal to the population size")
-        self._source = source
-        progress = make_progress(self.console, disable=not self.progress)
+        self.state.attach_source(source)
+        self._attach_policy(policy)
+        callbacks = [*self.callbacks, *([OnRound(on_round)] if on_round is not None else [])]
+        self._load_callback_states(callbacks)
+        self._fit_callbacks = callbacks
         started = time.perf_counter() - self.wall_time
-        with progress:
-            task = progress.add_task("training", total=steps, completed=self.global_step, loss="-")
-            while self.global_step < steps:
+        for callback in callbacks:
+            callback.on_fit_start(self, steps)
+        try:
+            while self.global_step < steps and self._any_active():
                 if getattr(policy, "needs_grad_norm", False):
                     self._train_step.track_grad_norm = True
-                decision = policy.next_decision(self.global_step, self.population.n) if policy else None
+                decision = policy.next_decision(self.global_step, self.population.n) if policy is not None else None
                 stop = steps if decision is None else min(decision, steps)
-                self.console.print(f"Training {self.population.n} model(s) for {stop - self.global_step} steps")
-                loss_sum = torch.zeros(self.population.n, device=self.population.device)
-                count = 0
+                for callback in callbacks:
+                    callback.on_segment(self, stop - self.global_step)
+                if self._loss_sum is None:
+                    self._loss_sum, self._loss_count = torch.zeros(self.population.n, device=self.population.device), 0
                 while self.global_step < stop:
                     x, y = source.next_batch()
-                    loss_sum += self.step(x, y, source.per_member)
-                    count += 1
-                    if count % 25 == 0 or self.global_step == stop:
-                        progress.update(task, completed=self.global_step, loss=f"{float(loss_sum.mean()) / count:.4f}")
-                progress.update(task, completed=self.global_step)
+                    losses = self.step(x, y, source.per_member, mask=self.state.active)
+                    self._loss_sum += losses
+                    self._loss_count += 1
+                    for callback in callbacks:
+                        callback.on_step(self, losses)
+                    if checkpoint_path is not None and checkpoint_every and self.global_step % checkpoint_every == 0 and self.global_step < stop:
+                        self.wall_time = time.perf_counter() - started
+                        self.save_checkpoint(checkpoint_path)
                 if decision is not None and self.global_step == decision:
-                    record = self._decide(policy, val_data, loss_sum / max(count, 1))  # type: ignore[arg-type]
+                    assert policy is not None
+                    record = self._decide(policy, val_data, self._loss_sum / max(self._loss_count, 1))
+                    self._loss_sum = None
                     self.wall_time = time.perf_counter() - started
                     if checkpoint_path is not None:
                         self.save_checkpoint(checkpoint_path)
-                    if on_round is not None:
-                        on_round(record)
-        self.wall_time = time.perf_counter() - started
-        self._record_cost(steps)
-        if checkpoint_path is not None:
-            self.save_checkpoint(checkpoint_path)
+                    for callback in callbacks:
+                        callback.on_round(self, record)
+            self.wall_time = time.perf_counter() - started
+            self._record_cost(steps)
+            if checkpoint_path is not None:
+                self.save_checkpoint(checkpoint_path)
+        finally:
+            for callback in callbacks:
+                callback.on_fit_end(self)
         return self.history
+
+    def _any_active(self) -> bool:
+        return self.state.active is None or bool(self.state.active.any())
 
     def metrics_table(self, val_data: Any, train_loss: Tensor | None = None) -> MetricsTable:
         """Evaluate every member on ``val_data``: a table with val_loss, val_accuracy (and train_loss)."""
@@ -224,14 +249,12 @@ class PopulationTrainer:
         if isinstance(answer, Decision):
             record["kept_ids"] = self.population.ids.tolist()
             record["hparams_after"] = {k: v.tolist() for k, v in self.hparams().items()}
-        if self.print_rounds:
-            self.console.print(round_table(record))
-        if len(keep) < len(table):
-            self.console.print(f"Eliminated poor performers. Remaining models: {len(keep)}")
+            if decision.active is not None:
+                record["active_ids"] = [i for i, a in zip(record["kept_ids"], decision.active) if a]
         return record
 
     def apply_decision(self, decision: Decision) -> None:
-        """After ``select(decision.keep)``: set the new positions' ids and hyperparameter updates."""
+        """After ``select(decision.keep)``: set the new positions' ids, hyperparameters and active mask."""
         if decision.ids is not None:
             self.population.ids = torch.as_tensor(decision.ids, dtype=torch.long)
         for name, updates in decision.hparams.items():
@@ -240,6 +263,8 @@ class PopulationTrainer:
                 for position, value in updates.items():
                     values[position] = value
                 self.set_hparam(name, values)
+        if decision.active is not None:
+            self.state.active = as_mask(decision.active, self.population.n, self.population.device)
 
     def _record_cost(self, steps: int) -> None:
         naive = self.initial_n * steps
@@ -253,14 +278,29 @@ class PopulationTrainer:
         }
 
     # ------------------------------------------------------------------ checkpoints
+    def _attach_policy(self, policy: SelectionPolicy | None) -> None:
+        self._policy = policy
+        pending = self._pending_extra.pop("policy", None)
+        if pending is not None and policy is not None and hasattr(policy, "load_state_dict"):
+            policy.load_state_dict(pending)
+
+    def _load_callback_states(self, callbacks: Sequence[Callback]) -> None:
+        pending = self._pending_extra.pop("callbacks", None) or {}
+        for key, callback in _stateful(callbacks).items():
+            if key in pending:
+                callback.load_state_dict(pending[key])  # type: ignore[attr-defined]
+
     def state_dict(self) -> dict[str, Any]:
+        """Everything a run needs to continue exactly: the population state, counters, history, RNG, the
+        policy's and the callbacks' own state."""
+        policy = self._policy
         return {
-            "population": self.population.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "source": self._source.state_dict() if self._source is not None else None,
+            "state": self.state.state_dict(),
             "rng": rng_state(),
             "history": self.history,
-            "loss_hparams": dict(self.loss_hparams),
+            "policy": policy.state_dict() if policy is not None and hasattr(policy, "state_dict") else None,
+            "callbacks": {key: cb.state_dict() for key, cb in _stateful(self._fit_callbacks or self.callbacks).items()},  # type: ignore[attr-defined]
+            "round_loss": None if self._loss_sum is None else {"sum": self._loss_sum, "count": self._loss_count},
             "counters": {
                 "global_step": self.global_step,
                 "member_steps": self.member_steps,
@@ -271,9 +311,10 @@ class PopulationTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore everything a run needs to continue exactly (population, optimizer, data order, RNG)."""
-        self.population.load_state_dict(state["population"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore a :meth:`state_dict`; the policy's and callbacks' parts are applied when ``fit`` starts."""
+        if "state" not in state:  # a checkpoint of popvec 0.1.0, before the state object
+            state = {**state, "state": {k: state.get(k) for k in ("population", "optimizer", "loss_hparams", "source")}}
+        self.state.load_state_dict(state["state"])
         self.history = state["history"]
         counters = state["counters"]
         self.global_step = int(counters["global_step"])
@@ -281,9 +322,12 @@ class PopulationTrainer:
         self.samples_seen = int(counters["samples_seen"])
         self.wall_time = float(counters["wall_time"])
         self.initial_n = int(counters["initial_n"])
-        for name, values in state.get("loss_hparams", {}).items():
-            self.loss_hparams[name] = values.to(self.population.device)
-        self._pending_source_state = state["source"]
+        round_loss = state.get("round_loss")
+        if round_loss is None:
+            self._loss_sum, self._loss_count = None, 0
+        else:
+            self._loss_sum, self._loss_count = round_loss["sum"].to(self.population.device), int(round_loss["count"])
+        self._pending_extra = {"policy": state.get("policy"), "callbacks": state.get("callbacks")}
         set_rng_state(state["rng"])
 
     def save_checkpoint(self, path: str | Path) -> None:
@@ -291,6 +335,11 @@ class PopulationTrainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         self.load_state_dict(load_checkpoint(path, map_location=self.population.device))
+
+
+def _stateful(callbacks: Sequence[Callback]) -> dict[str, Callback]:
+    """Callbacks that carry state, keyed by position and class (stable for one run's callback list)."""
+    return {f"{i}:{type(cb).__name__}": cb for i, cb in enumerate(callbacks) if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")}
 
 
 def _check_positive_int(name: str, value: Any) -> None:

@@ -433,13 +433,14 @@ def test_history_structure_and_cost(digits: DatasetSplits, tmp_path: Path) -> No
 
     # the checkpoint is plain data: weights_only loading works and holds the final state
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
-    assert set(state) >= {"population", "optimizer", "source", "rng", "history", "counters"}
+    assert set(state) >= {"state", "rng", "history", "counters", "policy", "callbacks"}
+    assert set(state["state"]) >= {"population", "optimizer", "loss_hparams", "active", "source"}
     assert state["counters"]["global_step"] == total
-    assert state["population"]["ids"].tolist() == trainer.population.ids.tolist()
+    assert state["state"]["population"]["ids"].tolist() == trainer.population.ids.tolist()
     assert strip_wall_time(state["history"]) == strip_wall_time(history)
     winner = trainer.population.member(0)
     for name, value in winner.state_dict().items():
-        assert torch.equal(state["population"]["params"][name][0], value)
+        assert torch.equal(state["state"]["population"]["params"][name][0], value)
 
 
 def test_population_trainer_fit_without_policy(digits: DatasetSplits, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
+from popvec.callbacks import ConsoleReporter
 from popvec.engine import evaluate
 from popvec.losses import cross_entropy
 from popvec.population import Population
@@ -55,16 +56,8 @@ def make_trainer(
     if ids is not None:
         population.ids = torch.as_tensor(list(ids), dtype=torch.long)
     opt, loss_hparams = build_optimizer(optimizer, population, values)
-    trainer = PopulationTrainer(
-        population,
-        opt,
-        loss_fn=cross_entropy,
-        console=console,
-        progress=progress,
-        loss_hparams=loss_hparams,
-    )
-    trainer.print_rounds = False
-    return trainer
+    reporter = ConsoleReporter(console, progress, round_tables=False)  # the runners print one line per decision instead
+    return PopulationTrainer(population, opt, loss_fn=cross_entropy, console=console, loss_hparams=loss_hparams, callbacks=[reporter])
 
 
 def leaderboard(
