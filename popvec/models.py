@@ -1,10 +1,9 @@
 """A small zoo of models from the literature, written to be vmap-safe.
 
-Every model is a plain ``nn.Module`` usable under
-``torch.func.functional_call`` + ``torch.func.vmap`` over parameters stacked
-with ``torch.func.stack_module_state`` (``randomness="different"``): no
-in-place ops on activations, ``torch.flatten`` instead of ``.view``, no
-data-dependent Python control flow and no ``.item()``.
+Every model is a plain ``nn.Module`` that :class:`~popvec.population.Population` stacks
+(``from_factory``/``from_modules``) and runs with ``torch.func.functional_call`` under
+``torch.func.vmap`` (``randomness="different"``): no in-place ops on activations,
+``torch.flatten`` instead of ``.view``, no data-dependent Python control flow and no ``.item()``.
 """
 
 from __future__ import annotations

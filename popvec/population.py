@@ -303,16 +303,18 @@ class Population:
 
         return forward
 
-    def forward(self, x: Tensor, per_member: bool = False, chunk_size: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, per_member: bool = False, member_chunk_size: int | None = None, *, chunk_size: int | None = None) -> Tensor:
         """Outputs of every member: ``[N, B, ...]``.
 
         ``x`` is one shared batch ``[B, ...]`` (``per_member=False``) or one batch per member
         ``[N, B, ...]`` (``per_member=True``). In train mode BatchNorm running statistics of every
         member are updated in place; dropout draws an independent mask per member.
-        ``chunk_size`` bounds how many members run at once (memory).
+        ``member_chunk_size`` bounds how many members run at once (memory); ``chunk_size`` is its
+        earlier name.
         """
         check_batch(x, self.n, per_member, "x")
-        fn = vmap(self.functional(), in_dims=(0, 0, 0 if per_member else None), randomness="different", chunk_size=chunk_size)
+        chunk = member_chunk_size if member_chunk_size is not None else chunk_size
+        fn = vmap(self.functional(), in_dims=(0, 0, 0 if per_member else None), randomness="different", chunk_size=chunk)
         return fn(self.params, self.buffers, x)
 
     __call__ = forward
