@@ -31,6 +31,7 @@ from popvec.checkpoint import save_checkpoint
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader, iterate_batches
 from popvec.engine import LossFn, TrainStep, batch_accuracy, evaluate
+from popvec.plots import new_figure, save_figure
 from popvec.population import Population, architecture_mismatch, as_index
 
 __all__ = [
@@ -436,25 +437,6 @@ def _shortcut_forward(
 
 
 # --------------------------------------------------------------------------- interpolate
-def _pyplot_free_figure(width: float, height: float) -> Any:
-    """A matplotlib Figure on the Agg canvas (no pyplot, no global backend change)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install popvec[plot]") from None
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _save(figure: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return path
-
-
 @dataclass(frozen=True)
 class InterpolationResult:
     """One path ``w(alpha) = (1 - alpha) * w_a + alpha * w_b`` evaluated at K alphas.
@@ -486,13 +468,13 @@ class InterpolationResult:
 
     def plot(self, path: str | Path) -> Path:
         """Write a PNG of loss and error vs alpha (needs matplotlib: ``pip install popvec[plot]``)."""
-        figure = _pyplot_free_figure(9.0, 3.5)
+        figure = new_figure(9.0, 3.5)
         panels = [("loss", self.loss, self.loss_barrier, ""), ("error (%)", 100 * self.error, 100 * self.error_barrier, "%")]
         for ax, (label, curve, height, unit) in zip(figure.subplots(1, 2), panels):
             ax.plot(self.alphas.tolist(), curve.tolist(), marker="o", markersize=3)
             ax.set(xlabel="alpha", ylabel=label, title=f"{label.split()[0]} barrier {height:.4g}{unit}")
             ax.grid(alpha=0.3)
-        return _save(figure, path)
+        return save_figure(figure, path)
 
 
 def _as_member(endpoint: Endpoint, name: str) -> Population:
@@ -641,14 +623,14 @@ class InstabilityResult:
 
     def plot(self, path: str | Path) -> Path:
         """Write a PNG of the loss and error barriers vs k1 (needs matplotlib: ``pip install popvec[plot]``)."""
-        figure = _pyplot_free_figure(9.0, 3.5)
+        figure = new_figure(9.0, 3.5)
         for ax, values, label in zip(figure.subplots(1, 2), (self.loss_barrier, 100 * self.error_barrier), ("loss barrier", "error barrier (%)")):
             ax.plot(self.k1, values.tolist(), marker="o")
             ax.set_xscale("symlog", linthresh=max(1, min([k for k in self.k1 if k > 0], default=1)))
             ax.axhline(0.0, color="gray", linewidth=0.8)
             ax.set(xlabel="k1 (spawn step)", ylabel=label, title=f"{label.split(' (')[0]} after k2 = {self.k2} steps")
             ax.grid(alpha=0.3)
-        return _save(figure, path)
+        return save_figure(figure, path)
 
 
 def _check_k1(k1_values: Sequence[int]) -> list[int]:
