@@ -30,7 +30,7 @@ from popvec import optim
 from popvec.checkpoint import save_checkpoint
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader, iterate_batches
-from popvec.engine import LossFn, TrainStep, batch_accuracy, evaluate
+from popvec.engine import LossFn, TrainStep, accumulate_metrics, evaluate
 from popvec.plots import new_figure, save_figure
 from popvec.population import Population, architecture_mismatch, as_index
 
@@ -339,60 +339,68 @@ def _evaluate_fast(
     first-layer shortcut: ``(metrics, None)``, or ``(None, data)`` when it does not apply, ``data``
     being what is left of ``spec.data`` to evaluate the general way (nothing of it is lost)."""
     batches = iter(iterate_batches(spec.data, spec.batch_size))
-    device = path.device
+    first = next(batches, None)
+    if first is None:
+        return None, batches  # no data: the general path reports it
+    x, y = (t.to(path.device, non_blocking=True) for t in first)
+    forward = _path_forward(path, a, b, alphas, x, spec.batch_size, spec.member_chunk_size)
+    if forward is None:
+        return None, itertools.chain([(x, y)], batches)
+    started = False
+
+    def outputs(inputs: Tensor) -> Tensor:
+        nonlocal started
+        out = forward(inputs)
+        started = True
+        return out
+
+    try:
+        metrics = accumulate_metrics(itertools.chain([(x, y)], batches), outputs, vmap(spec.loss_fn, in_dims=(0, None)), path.device)
+    except _Unsupported:
+        if started:
+            raise
+        return None, itertools.chain([(x, y)], batches)
+    return {name: value.float() for name, value in metrics.items()}, None
+
+
+def _path_forward(
+    path: Population, a: Population, b: Population, alphas: Tensor, x: Tensor, batch_size: int, member_chunk_size: int | None
+) -> Callable[[Tensor], Tensor] | None:
+    """The path's outputs ``[K, B, ...]`` for a batch ``[B, ...]`` through the shortcut, or None when it
+    does not apply to the model (probed on the batch ``x``)."""
     skeleton = path.skeleton
-    name = None
-    total_loss = torch.zeros(path.n, dtype=torch.float64, device=device)
-    correct = torch.zeros(path.n, dtype=torch.float64, device=device)
-    count = 0
-    fn = interp = original = None
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if fn is None:
-            name = _first_affine(skeleton, a.params, a.buffers, x[:2])
-            if name is None:
-                return None, itertools.chain([(x, y)], batches)
-            original = copy.deepcopy(dict(skeleton.named_modules())[name])
-            model = copy.deepcopy(skeleton).eval()
-            interp = _Interpolated()
-            _set_submodule(model, name, interp)
-            prefix = f"{name}."
-            rest = {k: v for k, v in path.params.items() if not k.startswith(prefix)}
-            ends = [{k[len(prefix):]: v[0] for k, v in end.params.items() if k.startswith(prefix)} for end in (a, b)]
-            rest_a = {k: v[0] for k, v in a.params.items() if not k.startswith(prefix)}
-            bufs_a = {k: v[0] for k, v in a.buffers.items()}
+    name = _first_affine(skeleton, a.params, a.buffers, x[:2])
+    if name is None:
+        return None
+    original = copy.deepcopy(dict(skeleton.named_modules())[name])
+    model = copy.deepcopy(skeleton).eval()
+    interp = _Interpolated()
+    _set_submodule(model, name, interp)
+    prefix = f"{name}."
+    rest = {k: v for k, v in path.params.items() if not k.startswith(prefix)}
+    ends = [{k[len(prefix):]: v[0] for k, v in end.params.items() if k.startswith(prefix)} for end in (a, b)]
+    rest_a = {k: v[0] for k, v in a.params.items() if not k.startswith(prefix)}
+    bufs_a = {k: v[0] for k, v in a.buffers.items()}
 
-            def member(
-                params: dict[str, Tensor], buffers: dict[str, Tensor], alpha: Tensor, inputs: Tensor,
-                model: nn.Module = model, interp: _Interpolated = interp,
-            ) -> Tensor:
-                interp.alpha = alpha
-                return functional_call(model, (params, buffers), (inputs,))
+    def member(params: dict[str, Tensor], buffers: dict[str, Tensor], alpha: Tensor, inputs: Tensor) -> Tensor:
+        interp.alpha = alpha
+        return functional_call(model, (params, buffers), (inputs,))
 
-            chunk, samples = spec.member_chunk_size, None
-            if chunk is None and device.type == "cpu":
-                try:
-                    width = functional_call(original, ends[0], (_capture(model, interp, rest_a, bufs_a, x[:1]),)).numel()
-                except _Unsupported:
-                    return None, itertools.chain([(x, y)], batches)
-                chunk, samples = _cpu_chunks(width, alphas.numel(), spec.batch_size)
-            fn = vmap(member, in_dims=(0, 0, 0, None), randomness="different", chunk_size=chunk)
+    chunk, samples = member_chunk_size, None
+    if chunk is None and path.device.type == "cpu":
         try:
-            parts = x.split(samples) if samples else (x,)
-            outputs = [_shortcut_forward(fn, model, interp, original, ends, rest_a, bufs_a, rest, path.buffers, alphas, p) for p in parts]
-            outputs = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+            width = functional_call(original, ends[0], (_capture(model, interp, rest_a, bufs_a, x[:1]),)).numel()
         except _Unsupported:
-            if count:
-                raise
-            return None, itertools.chain([(x, y)], batches)
-        losses = vmap(spec.loss_fn, in_dims=(0, None))(outputs, y)
-        total_loss += losses.double() * y.shape[0]
-        if outputs.dim() == 3 and not y.is_floating_point():
-            correct += batch_accuracy(outputs, y).double()
-        count += y.shape[0]
-    if count == 0:
-        raise ValueError("data must hold at least one sample")
-    return {"loss": (total_loss / count).float(), "accuracy": (correct / count).float()}, None
+            return None
+        chunk, samples = _cpu_chunks(width, alphas.numel(), batch_size)
+    fn = vmap(member, in_dims=(0, 0, 0, None), randomness="different", chunk_size=chunk)
+
+    def forward(inputs: Tensor) -> Tensor:
+        parts = inputs.split(samples) if samples else (inputs,)
+        outputs = [_shortcut_forward(fn, model, interp, original, ends, rest_a, bufs_a, rest, path.buffers, alphas, p) for p in parts]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    return forward
 
 
 # On a CPU the shortcut runs fastest when one vmapped pass's first-layer activations (members x
