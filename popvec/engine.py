@@ -242,21 +242,48 @@ def evaluate(
 
     was_training = population.training
     population.eval()
-    device = population.device
-    total_loss = torch.zeros(population.n, dtype=torch.float64, device=device)
-    correct = torch.zeros(population.n, dtype=torch.float64, device=device)
-    count = 0
     try:
-        for x, y in iterate_batches(data, batch_size):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            outputs = population.forward(x, chunk_size=member_chunk_size)
-            losses = vmap(loss_fn, in_dims=(0, None))(outputs, y)
-            total_loss += losses.double() * y.shape[0]
-            if outputs.dim() == 3 and not y.is_floating_point():
-                correct += batch_accuracy(outputs, y).double()
-            count += y.shape[0]
+        metrics = accumulate_metrics(
+            iterate_batches(data, batch_size),
+            lambda x: population.forward(x, chunk_size=member_chunk_size),
+            vmap(loss_fn, in_dims=(0, None)),
+            population.device,
+        )
     finally:
         population.train(was_training)
-    if count == 0:
+    return {name: value.float() for name, value in metrics.items()}
+
+
+@torch.no_grad()
+def accumulate_metrics(
+    batches: Iterable[tuple[Tensor, Tensor]],
+    outputs_fn: Callable[[Tensor], Tensor],
+    losses_fn: Callable[[Tensor, Tensor], Tensor],
+    device: torch.device | str,
+) -> dict[str, Tensor]:
+    """Per-member mean loss and accuracy over all ``batches``: ``{"loss": [N], "accuracy": [N]}`` in float64.
+
+    Each ``(x, y)`` batch goes to ``device``; ``outputs_fn(x)`` gives the members' outputs
+    ``[N, B, ...]`` and ``losses_fn(outputs, y)`` their mean losses over the batch ``[N]``. Sums
+    are kept in float64, each batch weighted by its size B (so uneven batches count per sample);
+    correct argmax predictions are counted when outputs are ``[N, B, C]`` and labels integers
+    (accuracy 0 otherwise). The one evaluation loop behind :func:`evaluate`, the LMC shortcut and
+    the ensembles; raises ValueError when ``batches`` hold no sample.
+    """
+    sums: tuple[Tensor, Tensor] | None = None  # per member: loss x batch size, correct predictions
+    count = 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        outputs = outputs_fn(x)
+        losses = losses_fn(outputs, y)
+        if sums is None:
+            zeros = torch.zeros(losses.shape, dtype=torch.float64, device=losses.device)
+            sums = (zeros, zeros.clone())
+        total_loss, correct = sums
+        total_loss += losses.double() * y.shape[0]
+        if outputs.dim() == 3 and not y.is_floating_point():
+            correct += batch_accuracy(outputs, y).double()
+        count += y.shape[0]
+    if sums is None or count == 0:
         raise ValueError("data must hold at least one sample")
-    return {"loss": (total_loss / count).float(), "accuracy": (correct / count).float()}
+    return {"loss": sums[0] / count, "accuracy": sums[1] / count}

@@ -84,6 +84,22 @@ def test_mean_logit_and_vote() -> None:
     assert evaluate_ensemble(pop, (x, y), "vote")["loss"] != evaluate_ensemble(pop, (x, y), "vote")["loss"]  # NaN
 
 
+@pytest.mark.parametrize("method", ["mean_prob", "mean_logit", "vote"])
+def test_evaluate_ensemble_over_uneven_batches_equals_a_hand_sum(method: str) -> None:
+    """Float64 sums of batch-mean loss x batch size, as a plain loop over the batches would keep them."""
+    pop = trained_population("mlp")
+    x, y = make_batches(1, batch=23)[0]
+    metrics = evaluate_ensemble(pop, (x, y), method, batch_size=10)  # batches of 10, 10, 3
+    total, correct = 0.0, 0
+    for xb, yb in zip(x.split(10), y.split(10)):
+        combined = predict(pop, xb, method)
+        total += float(ensemble_loss(combined, yb, method)) * len(yb)
+        correct += int((combined.argmax(-1) == yb).sum())
+    assert metrics["accuracy"] == correct / len(y)
+    assert metrics["loss"] == total / len(y) or method == "vote"  # vote: NaN
+    assert isinstance(metrics["loss"], float) and isinstance(metrics["accuracy"], float)
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 6), st.integers(2, 5), st.integers(0, 2**16))
 def test_combine_properties(k: int, b: int, c: int, seed: int) -> None:

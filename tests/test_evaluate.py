@@ -1,4 +1,5 @@
-"""``evaluate`` equals evaluating each member alone, for every way of batching the data."""
+"""``evaluate`` equals evaluating each member alone, for every way of batching the data; the
+accumulator under it (``accumulate_metrics``) equals a hand float64 sum over uneven batches."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from popvec import Population, optim
 from popvec.data import TensorSplit
-from popvec.engine import TrainStep, evaluate
+from popvec.engine import TrainStep, accumulate_metrics, evaluate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -153,3 +154,43 @@ def test_evaluate_bad_input() -> None:
         evaluate(pop, (x, y[:-1]))
     with pytest.raises(ValueError):
         evaluate(pop, (x, y), batch_size=0)
+
+
+# --------------------------------------------------------------------------- the accumulator
+def test_accumulate_metrics_over_uneven_batches_equals_a_hand_sum() -> None:
+    """Float64 sums of batch-mean loss x batch size and of correct predictions, divided by all samples."""
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(N, 64, NUM_CLASSES, generator=g)
+    x, y = dataset(seed=2)
+    sizes = [5, 1, 17, 14]  # uneven, summing to M
+    batches = list(zip(x.split(sizes), y.split(sizes)))
+
+    def outputs_fn(xb: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bi,nic->nbc", xb.flatten(1), weight)
+
+    def losses_fn(out: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return torch.stack([F.cross_entropy(o, yb) for o in out])
+
+    result = accumulate_metrics(iter(batches), outputs_fn, losses_fn, "cpu")
+    for i in range(N):
+        total, correct = 0.0, 0
+        for xb, yb in batches:
+            out = outputs_fn(xb)[i]
+            total += float(F.cross_entropy(out, yb)) * len(yb)
+            correct += int((out.argmax(-1) == yb).sum())
+        assert result["loss"][i].item() == total / M  # bit for bit: the same float64 operations in the same order
+        assert result["accuracy"][i].item() == correct / M
+    assert result["loss"].dtype == result["accuracy"].dtype == torch.float64
+
+
+def test_accumulate_metrics_counts_no_accuracy_for_float_targets_and_rejects_no_data() -> None:
+    x = torch.randn(6, 3)
+    batches = [(x[:4], x[:4, :1]), (x[4:], x[4:, :1])]  # a regression: outputs [1, B, 1], float targets
+
+    def losses_fn(out: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out[0], yb).reshape(1)
+
+    result = accumulate_metrics(batches, lambda xb: xb[None, :, :1], losses_fn, "cpu")
+    assert result["loss"].item() == 0.0 and result["accuracy"].item() == 0.0
+    with pytest.raises(ValueError, match="at least one sample"):
+        accumulate_metrics([], lambda xb: xb, losses_fn, "cpu")

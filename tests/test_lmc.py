@@ -24,6 +24,7 @@ from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
 from popvec.engine import TrainStep
 from popvec.models import MLP, LeNet5, build_model
+from popvec.studies import paths
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -216,8 +217,8 @@ class ShiftedInput(nn.Module):
 def general_path(a: nn.Module, b: nn.Module, data: tuple[Tensor, Tensor], alphas: int, **kwargs: object) -> tuple[Tensor, Tensor]:
     """The same curve as lmc.interpolate, the first-layer shortcut turned off."""
     pa, pb = Population.from_modules([a]), Population.from_modules([b])
-    spec = lmc._evaluation(pa.skeleton, data, F.cross_entropy, kwargs.pop("bn", "auto"), kwargs.pop("bn_data", None), kwargs.pop("batch_size", 1024), kwargs.pop("member_chunk_size", None))
-    loss, error, used = lmc._paths(pa, pb, lmc._grid(lmc.as_alphas(alphas))[0], spec, shortcut=False)
+    spec = paths.path_evaluation(pa.skeleton, data, F.cross_entropy, kwargs.pop("bn", "auto"), kwargs.pop("bn_data", None), kwargs.pop("batch_size", 1024), kwargs.pop("member_chunk_size", None))
+    loss, error, used = paths.evaluate_paths(pa, pb, paths.alpha_grid(paths.as_alphas(alphas))[0], spec, shortcut=False)
     assert not used
     return loss[0], error[0]
 
@@ -376,6 +377,39 @@ def test_bad_instability_arguments(kwargs: dict, error: type, match: str) -> Non
     args = {"model_fn": tiny_mlp, "optimizer_fn": sgd, "data": TRAIN, "k1_values": [0], "k2": 1, **kwargs}
     with pytest.raises(error, match=match):
         lmc.instability(**args)
+
+
+# --------------------------------------------------------------------------- module layout
+# Everything popvec.lmc offered before it was split into paths, shortcut and instability.
+LMC_NAMES = [
+    "BN_MODES", "BNMode", "BarrierMatrix", "InstabilityResult", "InterpolationResult", "StepCallback", "as_alphas", "barrier",
+    "barrier_matrix", "instability", "interpolate", "interpolate_stacks", "interpolation_gap", "l2_distance", "recompute_batchnorm",
+]
+
+
+def test_lmc_reexports_the_split_modules() -> None:
+    from popvec.studies import instability, paths
+
+    assert popvec.lmc is popvec.studies.lmc
+    assert popvec.lmc.instability is instability.instability and lmc.InstabilityResult is instability.InstabilityResult
+    for name in LMC_NAMES:
+        assert hasattr(lmc, name), name
+    for name in ("as_alphas", "barrier", "interpolate_stacks", "interpolation_gap", "l2_distance", "recompute_batchnorm", "BN_MODES"):
+        assert getattr(lmc, name) is getattr(paths, name)
+    assert set(lmc.__all__) <= set(LMC_NAMES)
+
+
+def test_lmc_modules_import_downwards_only() -> None:
+    """shortcut <- paths <- instability <- lmc: no module imports one above it (no cycles)."""
+    import ast
+
+    order = ["shortcut", "paths", "instability", "lmc"]
+    for level, module in enumerate(order):
+        tree = ast.parse(Path(popvec.studies.__file__).with_name(f"{module}.py").read_text())
+        froms = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+        imported = {node.module for node in froms} | {f"{node.module}.{alias.name}" for node in froms for alias in node.names}
+        above = {f"popvec.studies.{name}" for name in order[level:]}
+        assert not imported & above, f"{module} imports {imported & above}"
 
 
 # --------------------------------------------------------------------------- results and CLI

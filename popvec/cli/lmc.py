@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import Tensor, nn
 
@@ -100,7 +101,7 @@ def _write_plot(result: Any, path: Path, console: Console) -> None:
     try:
         console.print(f"Plot: {result.plot(path)}")
     except ImportError as err:
-        console.print(f"No plot written ({err})")
+        console.print(escape(f"No plot written ({err})"))
 
 
 # --------------------------------------------------------------------------- popvec lmc

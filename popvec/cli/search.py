@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from popvec.cli.argtypes import number, number_pair, positive_float, positive_int
 from popvec.data import DATASET_NAMES, load_dataset
@@ -158,7 +159,7 @@ def _plots(console: Console, jobs: list[tuple[Callable[..., Path], tuple[Any, ..
         try:
             console.print(f"Plot: {fn(*fn_args)}")
         except MissingMatplotlib as err:
-            console.print(str(err))
+            console.print(escape(str(err)))
             return
 
 

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from popvec.cli.argtypes import nonnegative_float, number, number_pair, open_unit, positive_float, positive_int
 from popvec.data import DATASET_NAMES, load_dataset
 from popvec.models import MODEL_NAMES, model_factory, required_image_size
+from popvec.plots import MissingMatplotlib, new_figure, save_figure
 from popvec.report import write_json
 from popvec.studies.warmstart import OPTIMIZER_NAMES, PROTOCOLS, Arm, PhaseRecord, WarmStartResult, default_arms, run_study
 
@@ -151,7 +153,7 @@ def run_warmstart(args: argparse.Namespace, arms: list[Arm], device: Any, out: P
     )
     if not args.no_plots:
         path = plot_result(result, out / "warmstart.png", title=f"{args.model} on {data.name}, {args.protocol}")
-        console.print(f"Plot: {path}" if path else "matplotlib is not installed: no plot (pip install matplotlib)")
+        console.print(f"Plot: {path}" if path else escape(f"No plot written ({MissingMatplotlib()})"))
     console.print(f"Results: {out / 'results.json'}, {out / 'summary.json'}")
     return result
 
@@ -178,15 +180,11 @@ def summary_table(result: WarmStartResult, model: str, dataset: str) -> Table:
 def plot_result(result: WarmStartResult, path: Path, title: str = "") -> Path | None:
     """Test accuracy and steps per phase vs samples seen, one line per arm; None without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        fig = new_figure(11, 4)
+    except MissingMatplotlib:
         return None
-    curves = result.curves()
-    fig, (ax_acc, ax_steps) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, c in curves.items():
+    ax_acc, ax_steps = fig.subplots(1, 2)
+    for name, c in result.curves().items():
         ax_acc.plot(c["samples"], [100 * v for v in c["test_accuracy"]], marker="o", label=name)
         ax_steps.plot(c["samples"], c["steps"], marker="o", label=name)
     ax_acc.set(xlabel="training samples seen", ylabel="test accuracy (%)", title="test accuracy")
@@ -194,7 +192,4 @@ def plot_result(result: WarmStartResult, path: Path, title: str = "") -> Path | 
     ax_acc.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -1,9 +1,9 @@
-"""PNG plots of a search history (matplotlib, imported lazily, Agg backend).
+"""PNG plots of a search history (see :mod:`popvec.plots`: Agg canvas, no pyplot, atomic writes).
 
 Hyperband: validation loss of every member at each rung, one colour per bracket. PBT: each
 hyperparameter's trajectory per member, and the lineage (who copied whom, when).
-Each function returns the written path, or raises :class:`MissingMatplotlib` when matplotlib is
-not installed (``pip install matplotlib``).
+Each function returns the written path, or raises :class:`~popvec.plots.MissingMatplotlib` when
+matplotlib is not installed (``pip install popvec[plot]``).
 """
 
 from __future__ import annotations
@@ -12,30 +12,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from popvec.plots import MissingMatplotlib, new_figure, save_figure
+
 __all__ = ["MissingMatplotlib", "plot_hyperband", "plot_pbt_hparams", "plot_pbt_lineage"]
-
-
-class MissingMatplotlib(RuntimeError):
-    pass
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ModuleNotFoundError:
-        raise MissingMatplotlib("matplotlib is not installed (pip install matplotlib): plots skipped") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt: Any, fig: Any, path: str | Path) -> Path:
-    """Lay out, write the PNG, and free the figure."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
 
 
 def _finite(v: Any) -> bool:
@@ -44,7 +23,9 @@ def _finite(v: Any) -> bool:
 
 def plot_hyperband(history: dict[str, Any], path: str | Path, metric: str = "val_loss") -> Path:
     """Each member's ``metric`` at each rung it reached (lines per member, colour per bracket)."""
-    plt = _pyplot()
+    fig = new_figure(8, 5)
+    from matplotlib import colormaps
+
     members = history["members"]
     series: dict[int, list[tuple[int, float, bool]]] = {}
     for record in history["rounds"]:
@@ -52,9 +33,9 @@ def plot_hyperband(history: dict[str, Any], path: str | Path, metric: str = "val
             if _finite(row.get(metric)):
                 series.setdefault(row["id"], []).append((record["step"], row[metric], row["kept"]))
     brackets = sorted({m["bracket"] for m in members.values()}, reverse=True)
-    colours = plt.get_cmap("viridis")(list(i / max(1, len(brackets) - 1) for i in range(len(brackets))))
+    colours = colormaps["viridis"](list(i / max(1, len(brackets) - 1) for i in range(len(brackets))))
     colour = dict(zip(brackets, colours))
-    fig, ax = plt.subplots(figsize=(8, 5))
+    ax = fig.subplots()
     for member, points in series.items():
         s = members[str(member)]["bracket"]
         steps, values, kept = zip(*points)
@@ -70,15 +51,15 @@ def plot_hyperband(history: dict[str, Any], path: str | Path, metric: str = "val
     ax.set_ylabel(f"{metric} (log)")
     ax.set_title("Hyperband: validation loss per rung (x = pruned there)")
     ax.legend()
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pbt_hparams(history: dict[str, Any], path: str | Path) -> Path:
     """Each explored hyperparameter's value per member over time (one panel per hyperparameter)."""
-    plt = _pyplot()
     names = list(history["config"]["space"])
     trajectory = history["trajectory"]
-    fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.6 * len(names)), squeeze=False)
+    fig = new_figure(8, 2.6 * len(names))
+    axes = fig.subplots(len(names), 1, squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         per: dict[int, list[tuple[int, float]]] = {}
         for snap in trajectory:
@@ -94,15 +75,15 @@ def plot_pbt_hparams(history: dict[str, Any], path: str | Path) -> Path:
         ax.set_ylabel(name)
     axes[-1, 0].set_xlabel("training steps")
     axes[0, 0].set_title("PBT: hyperparameter trajectories per member")
-    return _save(plt, fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pbt_lineage(history: dict[str, Any], path: str | Path) -> Path:
     """Members as rows over time; an arrow from donor to recipient at every exploit."""
-    plt = _pyplot()
     steps = history["config"]["steps"]
     ids = sorted({m for snap in history["trajectory"] for m in snap["ids"]})
-    fig, ax = plt.subplots(figsize=(8, max(3, 0.3 * len(ids) + 1)))
+    fig = new_figure(8, max(3, 0.3 * len(ids) + 1))
+    ax = fig.subplots()
     for member in ids:
         ax.hlines(member, 0, steps, color="0.85", lw=1)
     for event in history["lineage"]:
@@ -115,4 +96,4 @@ def plot_pbt_lineage(history: dict[str, Any], path: str | Path) -> Path:
     ax.set_xlabel("training steps")
     ax.set_ylabel("member id")
     ax.set_title("PBT lineage: arrows point from donor to recipient (exploit)")
-    return _save(plt, fig, path)
+    return save_figure(fig, path)

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from popvec.engine import accumulate_metrics
+from popvec.loaders import iterate_batches
 from popvec.population import IndexLike, Population, as_index
 
 __all__ = [
@@ -148,21 +150,26 @@ def evaluate_ensemble(
     batch_size: int = 1024,
 ) -> dict[str, float]:
     """Ensemble ``{"loss", "accuracy"}`` over ``(x, y)``, a ``TensorSplit`` or a DataLoader."""
-    from popvec.loaders import iterate_batches
-
     _check_method(method)
     pop = _as_population(population)
     _subset_index(pop, members)
-    total_loss, correct, count = 0.0, 0, 0
-    for x, y in iterate_batches(data, batch_size):
-        y = y.to(pop.device)
-        combined = predict(pop, x, method, members)
-        total_loss += float(ensemble_loss(combined, y, method)) * y.shape[0]
-        correct += int((combined.argmax(dim=-1) == y).sum())
-        count += y.shape[0]
-    if count == 0:
-        raise ValueError("data must hold at least one sample")
-    return {"loss": total_loss / count, "accuracy": correct / count}
+    return _combined_metrics(
+        data, batch_size, pop.device, lambda x: predict(pop, x, method, members), lambda out, y: ensemble_loss(out, y, method)
+    )
+
+
+def _combined_metrics(
+    data: Any, batch_size: int, device: torch.device, predict_fn: Callable[[Tensor], Tensor], loss_fn: Callable[[Tensor, Tensor], Tensor]
+) -> dict[str, float]:
+    """``{"loss", "accuracy"}`` of one combined prediction ``predict_fn(x) -> [B, C]`` over ``data``.
+
+    The prediction is a population of one for :func:`popvec.engine.accumulate_metrics` (outputs
+    ``[1, B, C]``, loss ``[1]``): the same float64 sums as every other evaluation.
+    """
+    metrics = accumulate_metrics(
+        iterate_batches(data, batch_size), lambda x: predict_fn(x).unsqueeze(0), lambda out, y: loss_fn(out[0], y).reshape(1), device
+    )
+    return {name: float(value[0]) for name, value in metrics.items()}
 
 
 # --------------------------------------------------------------------------- fusion heads
@@ -464,18 +471,7 @@ class JointTrainer:
     @torch.no_grad()
     def evaluate(self, data: Any, batch_size: int = 1024) -> dict[str, float]:
         """Fused ``{"loss", "accuracy"}`` over ``(x, y)``, a ``TensorSplit`` or a DataLoader."""
-        from popvec.loaders import iterate_batches
-
-        total, correct, count = 0.0, 0, 0
-        for x, y in iterate_batches(data, batch_size):
-            y = y.to(self.population.device)
-            out = self.predict(x)
-            total += float(self.loss_fn(out, y)) * y.shape[0]
-            correct += int((out.argmax(dim=-1) == y).sum())
-            count += y.shape[0]
-        if count == 0:
-            raise ValueError("data must hold at least one sample")
-        return {"loss": total / count, "accuracy": correct / count}
+        return _combined_metrics(data, batch_size, self.population.device, self.predict, self.loss_fn)
 
     def member_state_dicts(self) -> list[dict[str, Tensor]]:
         """Each member as a plain ``state_dict`` of the model class."""

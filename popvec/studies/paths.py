@@ -1,0 +1,236 @@
+"""Interpolation paths between networks, and their evaluation as one population.
+
+The K networks ``w(alpha) = (1 - alpha) * w_a + alpha * w_b`` on a path *are* a population of K
+members: :func:`interpolate_stacks` builds their ``[K, ...]`` stacks (P paths at once:
+``[P * K, ...]``) in one broadcast op, :func:`evaluate_paths` runs them all in one vmapped pass
+(BatchNorm statistics recomputed per alpha when asked, :func:`recompute_batchnorm`), and
+:func:`interpolation_gap` / :func:`barrier` turn the curves into barriers. :func:`pair_barriers`
+does it for chosen pairs of a population's members, a chunk of pairs at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from popvec.engine import LossFn, evaluate
+from popvec.loaders import iterate_batches
+from popvec.population import Population
+from popvec.studies.shortcut import evaluate_shortcut
+
+__all__ = [
+    "BN_MODES",
+    "BNMode",
+    "PathEvaluation",
+    "alpha_grid",
+    "as_alphas",
+    "barrier",
+    "evaluate_paths",
+    "interpolate_stacks",
+    "interpolation_gap",
+    "l2_distance",
+    "pair_barriers",
+    "path_evaluation",
+    "recompute_batchnorm",
+]
+
+BNMode = Literal["auto", "recompute", "keep"]
+BN_MODES: tuple[str, ...] = ("auto", "recompute", "keep")
+
+
+# --------------------------------------------------------------------------- pure tensor core
+def interpolate_stacks(stacks_a: dict[str, Tensor], stacks_b: dict[str, Tensor], alphas: Tensor) -> dict[str, Tensor]:
+    """Members ``(1 - alpha) * a + alpha * b`` of P paths: stacks ``[P, ...]``, alphas ``[K]`` -> ``[P * K, ...]``.
+
+    Member ``p * K + k`` is path ``p`` at ``alphas[k]``, built for all of them in one broadcast
+    ``torch.lerp`` (exact at alpha 0 and 1, and exactly ``a`` wherever ``a == b``). Non-floating
+    tensors (BatchNorm's ``num_batches_tracked``) are not interpolated: every member takes ``a``'s.
+    """
+    k = alphas.numel()
+    out = {}
+    for name, a in stacks_a.items():
+        a1, b1 = a.unsqueeze(1), stacks_b[name].unsqueeze(1)  # [P, 1, ...]
+        if a.is_floating_point():
+            path = torch.lerp(a1, b1, alphas.to(a).view(1, k, *[1] * (a.dim() - 1)))
+        else:
+            path = a1.expand(-1, k, *a.shape[1:])
+        out[name] = path.reshape(a.shape[0] * k, *a.shape[1:])
+    return out
+
+
+def interpolation_gap(curve: Tensor, alphas: Tensor) -> Tensor:
+    """``curve - [(1 - alpha) * curve(0) + alpha * curve(1)]``: curves ``[..., K]`` on alphas ``[K]`` from 0 to 1.
+
+    Exactly 0 at both ends; its maximum over the interior alphas is the :func:`barrier`.
+    """
+    return curve - torch.lerp(curve[..., :1], curve[..., -1:], alphas.to(curve))
+
+
+def barrier(gap: Tensor) -> Tensor:
+    """The barrier of gap curves ``[..., K]`` on alphas from 0 to 1: their maximum over the interior alphas.
+
+    The gap is 0 at both ends by definition, so they are left out: the barrier is negative where
+    the whole path lies below the straight line between the ends (convex), and 0 with no interior alpha.
+    """
+    interior = gap[..., 1:-1]
+    return interior.amax(dim=-1) if interior.shape[-1] else torch.zeros(gap.shape[:-1], dtype=gap.dtype)
+
+
+def l2_distance(stacks_a: dict[str, Tensor], stacks_b: dict[str, Tensor]) -> Tensor:
+    """``||a_p - b_p||`` over all given tensors for each of P pairs: stacks ``[P, ...]`` -> ``[P]`` float64."""
+    squares = [(a.double() - stacks_b[name].double()).pow(2).flatten(1).sum(1) for name, a in stacks_a.items()]
+    return torch.stack(squares).sum(0).sqrt()
+
+
+def as_alphas(alphas: int | Sequence[float] | Tensor) -> Tensor:
+    """``alphas`` as a strictly increasing 1-D float32 CPU tensor ``[K]`` in [0, 1].
+
+    An int K gives K equally spaced values including both ends (``torch.linspace(0, 1, K)``).
+    """
+    if isinstance(alphas, bool):
+        raise TypeError(f"alphas must be an int >= 2 or a 1-D sequence of values in [0, 1], got {alphas!r}")
+    if isinstance(alphas, int):
+        if alphas < 2:
+            raise ValueError(f"alphas must be >= 2 when an int (both ends are included), got {alphas}")
+        return torch.linspace(0.0, 1.0, alphas)
+    values = torch.as_tensor(alphas, dtype=torch.float32).detach().cpu()
+    if values.dim() != 1 or values.numel() == 0:
+        raise ValueError(f"alphas must be a non-empty 1-D sequence, got shape {tuple(values.shape)}")
+    if not bool(torch.isfinite(values).all()) or float(values.min()) < 0.0 or float(values.max()) > 1.0:
+        raise ValueError(f"alphas must lie in [0, 1], got {values.tolist()}")
+    if not bool((values.diff() > 0).all()):
+        raise ValueError(f"alphas must be strictly increasing (monotone, no repeats), got {values.tolist()}")
+    return values
+
+
+def alpha_grid(alphas: Tensor) -> tuple[Tensor, Tensor]:
+    """The alphas to evaluate (``alphas`` ``[K]`` plus both ends, sorted: ``[K']``) and where each of ``alphas`` sits in them ``[K]``.
+
+    The gap needs the curve at 0 and 1, so they are evaluated even when not requested.
+    """
+    full = torch.cat([alphas, torch.tensor([0.0, 1.0])]).unique()
+    return full, torch.searchsorted(full, alphas)
+
+
+# --------------------------------------------------------------------------- BatchNorm
+def _running_norms(module: nn.Module) -> dict[str, _BatchNorm]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats}
+
+
+@torch.no_grad()
+def recompute_batchnorm(
+    population: Population, data: Any, batch_size: int = 1024, member_chunk_size: int | None = None
+) -> dict[str, Tensor]:
+    """Every member's buffers with its BatchNorm running statistics recomputed over ``data``: ``[N, ...]``.
+
+    Each layer's running mean and variance become the average over the batches of ``data`` of its
+    batch statistics (the network in eval mode except BatchNorm, so dropout is off) and
+    ``num_batches_tracked`` the number of batches. That is exactly PyTorch's cumulative averaging
+    (``reset_running_stats()`` then ``momentum=None``): independent of the batch order, unlike the
+    default momentum. All members run in one vmapped forward per batch (BatchNorm momentum 1 makes
+    each batch's statistics land in the buffers; they are summed outside).
+    """
+    skeleton = copy.deepcopy(population.skeleton).eval()
+    norms = _running_norms(skeleton)
+    for m in norms.values():
+        m.train()
+        m.momentum = 1.0
+    buffers = dict(population.buffers)
+    for name in norms:
+        buffers[f"{name}.num_batches_tracked"] = torch.zeros_like(buffers[f"{name}.num_batches_tracked"])
+    stats = [f"{name}.{kind}" for name in norms for kind in ("running_mean", "running_var")]
+    probe = Population(skeleton, population.params, {**buffers, **{k: torch.zeros_like(buffers[k]) for k in stats}})
+    totals = {k: torch.zeros_like(buffers[k]) for k in stats}
+    count = 0
+    for x, _ in iterate_batches(data, batch_size):
+        probe.forward(x.to(population.device), chunk_size=member_chunk_size)
+        for k, total in totals.items():
+            total += probe.buffers[k]
+        count += 1
+    if count == 0:
+        raise ValueError("bn_data must hold at least one batch")
+    return {**probe.buffers, **{k: v / count for k, v in totals.items()}}
+
+
+# --------------------------------------------------------------------------- evaluating paths
+@dataclass(frozen=True)
+class PathEvaluation:
+    """How every network on a path is evaluated: on ``data`` with ``loss_fn``, BatchNorm statistics
+    recomputed over ``bn_data`` or not, in batches of ``batch_size``, ``member_chunk_size`` networks at once."""
+
+    data: Any
+    loss_fn: LossFn
+    recompute: bool
+    bn_data: Any
+    batch_size: int
+    member_chunk_size: int | None
+
+    @property
+    def bn(self) -> str:
+        """How BatchNorm statistics are treated, as results report it: ``"recompute"`` or ``"keep"``."""
+        return "recompute" if self.recompute else "keep"
+
+
+def path_evaluation(
+    skeleton: nn.Module, data: Any, loss_fn: LossFn, bn: str, bn_data: Any, batch_size: int, member_chunk_size: int | None
+) -> PathEvaluation:
+    """The checked :class:`PathEvaluation` for a model like ``skeleton``: ``bn`` (one of :data:`BN_MODES`)
+    resolved to recompute or keep (``"auto"`` recomputes when the model has BatchNorm running statistics)."""
+    if bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
+    recompute = bn != "keep" and bool(_running_norms(skeleton))
+    if recompute and bn_data is None:
+        raise ValueError(
+            "bn_data (training batches) is required to recompute BatchNorm running statistics "
+            "(bn='recompute', the default for BatchNorm models); pass bn_data=... or bn='keep'"
+        )
+    return PathEvaluation(data, loss_fn, recompute, bn_data, batch_size, member_chunk_size)
+
+
+def evaluate_paths(
+    a: Population, b: Population, alphas: Tensor, spec: PathEvaluation, shortcut: bool = True
+) -> tuple[Tensor, Tensor, bool]:
+    """Loss and error ``[P, K]`` (CPU) along the P paths ``a[p] -> b[p]`` at ``alphas`` ``[K]``: one population of P * K.
+
+    A single path (P = 1) is evaluated through the first-layer shortcut where it applies (see
+    :mod:`popvec.studies.shortcut`; ``shortcut=False`` never): the third value says whether it was.
+    """
+    grid = alphas.to(a.device)
+    path = Population(a.skeleton, interpolate_stacks(a.params, b.params, grid), interpolate_stacks(a.buffers, b.buffers, grid))
+    if spec.recompute:
+        path.buffers = recompute_batchnorm(path, spec.bn_data, spec.batch_size, spec.member_chunk_size)
+    metrics, data = None, spec.data
+    if shortcut and a.n == 1:
+        metrics, data = evaluate_shortcut(path, a, b, grid, spec.data, spec.loss_fn, spec.batch_size, spec.member_chunk_size)
+    used = metrics is not None
+    if metrics is None:
+        metrics = evaluate(path, data, spec.loss_fn, spec.batch_size, spec.member_chunk_size)
+    shape = (a.n, alphas.numel())
+    return metrics["loss"].cpu().view(shape), (1.0 - metrics["accuracy"]).cpu().view(shape), used
+
+
+def pair_barriers(
+    population: Population, first: Tensor, second: Tensor, alphas: Tensor, spec: PathEvaluation, pair_chunk_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss barrier, error barrier and L2 distance ``[P]`` between members ``first[p]`` and ``second[p]`` (``[P]`` positions).
+
+    Pairs are evaluated ``pair_chunk_size`` at a time, each chunk one population of pairs x alphas
+    (``alphas`` ``[K]``; both ends are added where missing).
+    """
+    if not isinstance(pair_chunk_size, int) or isinstance(pair_chunk_size, bool) or pair_chunk_size < 1:
+        raise ValueError(f"pair_chunk_size must be an integer >= 1, got {pair_chunk_size!r}")
+    full = alpha_grid(alphas)[0]
+    rows = []
+    for i, j in zip(first.split(pair_chunk_size), second.split(pair_chunk_size)):
+        a, b = population.take(i), population.take(j)
+        loss, error, _ = evaluate_paths(a, b, full, spec)
+        barriers = [barrier(interpolation_gap(curve, full)) for curve in (loss, error)]
+        rows.append(torch.stack([*barriers, l2_distance(a.params, b.params).float().cpu()], dim=1))
+    loss_barrier, error_barrier, l2 = torch.cat(rows).unbind(1)
+    return loss_barrier, error_barrier, l2
