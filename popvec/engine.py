@@ -19,7 +19,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from popvec.optim import Optimizer, grad_norm
 from popvec.population import Population, as_mask, check_batch
 
-__all__ = ["LossFn", "make_grad_fn", "TrainStep", "evaluate", "batch_accuracy"]
+__all__ = ["LossFn", "make_grad_fn", "TrainStep", "evaluate", "accumulate_metrics", "batch_accuracy"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -245,7 +245,7 @@ def evaluate(
     try:
         metrics = accumulate_metrics(
             iterate_batches(data, batch_size),
-            lambda x: population.forward(x, chunk_size=member_chunk_size),
+            lambda x: population.forward(x, member_chunk_size=member_chunk_size),
             vmap(loss_fn, in_dims=(0, None)),
             population.device,
         )

@@ -149,7 +149,7 @@ def recompute_batchnorm(
     totals = {k: torch.zeros_like(buffers[k]) for k in stats}
     count = 0
     for x, _ in iterate_batches(data, batch_size):
-        probe.forward(x.to(population.device), chunk_size=member_chunk_size)
+        probe.forward(x.to(population.device), member_chunk_size=member_chunk_size)
         for k, total in totals.items():
             total += probe.buffers[k]
         count += 1
