@@ -6,8 +6,8 @@ every callback's hooks in order:
 - ``on_fit_start(trainer, steps)``: before the first step (``steps``: the global step to reach);
 - ``on_segment(trainer, steps)``: before training ``steps`` steps up to the next decision;
 - ``on_step(trainer, losses)``: after each step (``losses``: ``[N]``, detached);
-- ``on_round(trainer, record)``: after a decision was applied and checkpointed (``record``: the
-  round's row of ``trainer.history["rounds"]``);
+- ``on_round(trainer, record)``: after a decision was applied, before the round's checkpoint
+  (``record``: the round's row of ``trainer.history["rounds"]``);
 - ``on_fit_end(trainer)``: when ``fit`` returns or raises.
 
 A callback with ``state_dict``/``load_state_dict`` is saved in the trainer's checkpoints, so a resumed
@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +29,7 @@ from popvec.report import atomic_write_bytes, make_progress, round_table, write_
 if TYPE_CHECKING:
     from popvec.trainer import PopulationTrainer
 
-__all__ = ["Callback", "ConsoleReporter", "HistoryLogger", "TensorBoardLogger", "OnRound"]
+__all__ = ["Callback", "ConsoleReporter", "HistoryLogger", "TensorBoardLogger"]
 
 
 class Callback:
@@ -46,20 +45,10 @@ class Callback:
         """After each step; ``losses`` is ``[N]``."""
 
     def on_round(self, trainer: PopulationTrainer, record: dict[str, Any]) -> None:
-        """After a decision was applied (and the checkpoint written)."""
+        """After a decision was applied; the checkpoint written next holds this callback's state."""
 
     def on_fit_end(self, trainer: PopulationTrainer) -> None:
         """When ``fit`` returns or raises."""
-
-
-class OnRound(Callback):
-    """Calls ``fn(record)`` after every decision round (the ``on_round=`` argument of ``fit``)."""
-
-    def __init__(self, fn: Callable[[dict[str, Any]], None]) -> None:
-        self.fn = fn
-
-    def on_round(self, trainer: PopulationTrainer, record: dict[str, Any]) -> None:
-        self.fn(record)
 
 
 class ConsoleReporter(Callback):

@@ -18,7 +18,7 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from popvec import optim
-from popvec.callbacks import Callback, ConsoleReporter, OnRound
+from popvec.callbacks import Callback, ConsoleReporter
 from popvec.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from popvec.engine import LossFn, TrainStep, evaluate
 from popvec.loaders import as_source
@@ -153,7 +153,8 @@ class PopulationTrainer:
         (shared, or per-member orders). At each decision the members are evaluated on
         ``val_data``, the policy's answer is applied to the whole state (a :class:`Decision` may
         also set hyperparameters and which members stay active), the round is recorded in
-        ``history``, checkpointed (with ``checkpoint_path``) and handed to the callbacks.
+        ``history`` and handed to the callbacks, then checkpointed (with ``checkpoint_path``; the
+        checkpoint holds the callbacks' state), then passed to ``on_round(record)``.
         ``checkpoint_every``: also checkpoint every that many steps between decisions. Training
         ends early when a decision leaves no member active. A trainer restored with
         :meth:`load_checkpoint` continues exactly where the checkpoint was taken.
@@ -165,7 +166,7 @@ class PopulationTrainer:
         source = as_source(train_data, self.population.device)
         self.state.attach_source(source)
         self._attach_policy(policy)
-        callbacks = [*self.callbacks, *([OnRound(on_round)] if on_round is not None else [])]
+        callbacks = list(self.callbacks)
         self._load_callback_states(callbacks)
         self._fit_callbacks = callbacks
         started = time.perf_counter() - self.wall_time
@@ -196,10 +197,12 @@ class PopulationTrainer:
                     record = self._decide(policy, val_data, self._loss_sum / max(self._loss_count, 1))
                     self._loss_sum = None
                     self.wall_time = time.perf_counter() - started
+                    for callback in callbacks:  # before the checkpoint, which then holds what they recorded
+                        callback.on_round(self, record)
                     if checkpoint_path is not None:
                         self.save_checkpoint(checkpoint_path)
-                    for callback in callbacks:
-                        callback.on_round(self, record)
+                    if on_round is not None:
+                        on_round(record)
             self.wall_time = time.perf_counter() - started
             self._record_cost(steps)
             if checkpoint_path is not None:
@@ -213,9 +216,14 @@ class PopulationTrainer:
         return self.state.active is None or bool(self.state.active.any())
 
     def metrics_table(self, val_data: Any, train_loss: Tensor | None = None) -> MetricsTable:
-        """Evaluate every member on ``val_data``: a table with val_loss, val_accuracy (and train_loss)."""
-        metrics = self.evaluate(val_data)
-        columns = {"val_loss": metrics["loss"].tolist(), "val_accuracy": metrics["accuracy"].tolist()}
+        """Evaluate every member on ``val_data``: a table with val_loss, val_accuracy (and train_loss).
+
+        ``val_data=None`` evaluates nothing (for policies that decide on the step alone).
+        """
+        columns: dict[str, list[float]] = {}
+        if val_data is not None:
+            metrics = self.evaluate(val_data)
+            columns = {"val_loss": metrics["loss"].tolist(), "val_accuracy": metrics["accuracy"].tolist()}
         if train_loss is not None:
             columns = {"train_loss": train_loss.tolist(), **columns}
         if self._train_step.track_grad_norm and self._train_step.grad_norm_max is not None:

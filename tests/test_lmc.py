@@ -456,3 +456,43 @@ def test_cli_instability(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
             cli.main(["instability", "--model", "mlp", "--k2", "5", "--out", str(out), *bad])
         assert exit_info.value.code == 2
         assert capsys.readouterr().err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- instability: kill and resume
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kill_after", [1, 2, 3, 5])
+def test_instability_killed_and_resumed_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kill_after: int) -> None:
+    """Checkpoints: trunk at k1 = 0, 3, 6 (writes 1-3, plus the trunk's end), branches every 2 steps; kill after
+    the k-th write and resume: the branches (dropout masks too) end bit-identical."""
+    kwargs = dict(batch_size=16, seed=3, eval_data=DATA, alphas=3, checkpoint_every=2)
+    full = lmc.instability(tiny_mlp_dropout, sgd, TRAIN, [0, 3, 6], 5, run_dir=tmp_path / "full", **kwargs)
+    original = popvec.PopulationTrainer.save_checkpoint
+    writes = []
+
+    def save_then_die(self: popvec.PopulationTrainer, path: Path) -> None:
+        original(self, path)
+        writes.append(path)
+        if len(writes) == kill_after:
+            raise _Killed
+
+    run = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        m.setattr(popvec.PopulationTrainer, "save_checkpoint", save_then_die)
+        with pytest.raises(_Killed):
+            lmc.instability(tiny_mlp_dropout, sgd, TRAIN, [0, 3, 6], 5, run_dir=run, **kwargs)
+    resumed = lmc.instability(tiny_mlp_dropout, sgd, TRAIN, [0, 3, 6], 5, run_dir=run, resume=True, **kwargs)
+    for kind in ("params", "buffers"):
+        for name, stack in getattr(full.branches, kind).items():
+            assert torch.equal(getattr(resumed.branches, kind)[name], stack), name
+    assert torch.equal(resumed.error_barrier, full.error_barrier) and torch.equal(resumed.loss_barrier, full.loss_barrier)
+
+
+def test_instability_resume_without_checkpoints_starts_over(tmp_path: Path) -> None:
+    kwargs = dict(batch_size=16, seed=3, eval_data=DATA, alphas=3)
+    a = lmc.instability(tiny_mlp_dropout, sgd, TRAIN, [0, 2], 3, run_dir=tmp_path / "a", **kwargs)
+    b = lmc.instability(tiny_mlp_dropout, sgd, TRAIN, [0, 2], 3, run_dir=tmp_path / "b", resume=True, **kwargs)
+    for name, stack in a.branches.params.items():
+        assert torch.equal(b.branches.params[name], stack), name

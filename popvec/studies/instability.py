@@ -3,7 +3,8 @@
 One trunk trains to every spawn step k1 (weights and optimizer state kept); copies of every
 snapshot, all in one stack, then train k2 more steps on their own batch orders and dropout
 masks, and the barriers between the copies of each k1 are measured with
-:func:`popvec.studies.paths.pair_barriers`.
+:func:`popvec.studies.paths.pair_barriers`. Both phases train with the one loop
+(:meth:`PopulationTrainer.fit`) and resume from their checkpoints.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from popvec import optim
+from popvec.callbacks import Callback
 from popvec.checkpoint import save_checkpoint
 from popvec.data import TensorSplit
-from popvec.engine import LossFn, TrainStep, evaluate
+from popvec.engine import LossFn, evaluate
 from popvec.loaders import DeviceLoader
 from popvec.plots import new_figure, save_figure
 from popvec.population import Population
+from popvec.selection import MetricsTable
+from popvec.trainer import PopulationTrainer
 from popvec.studies.paths import BNMode, PathEvaluation, as_alphas, pair_barriers, path_evaluation
 
 __all__ = ["InstabilityResult", "StepCallback", "instability"]
@@ -94,39 +98,67 @@ def _stack_states(states: list[Any]) -> Any:
     return first
 
 
-def _run_steps(step: TrainStep, loader: DeviceLoader, count: int, report: Callable[[Tensor], None]) -> None:
-    per_member = loader.num_members is not None
-    for _ in range(count):
-        x, y = loader.next_batch()
-        report(step(x, y, per_member=per_member))
+@dataclass
+class SnapshotSteps:
+    """A selection policy that keeps every member and asks for a decision at each spawn step ``k1``.
+
+    The decisions change nothing; they are the points where :class:`TrunkSnapshots` records the
+    trunk (and where the trainer checkpoints it).
+    """
+
+    k1: list[int]
+    taken: int = 0
+
+    def next_decision(self, step: int, n: int) -> int | None:
+        return self.k1[self.taken] if self.taken < len(self.k1) else None
+
+    def decide(self, table: MetricsTable) -> list[int]:
+        self.taken += 1
+        return list(range(len(table)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"taken": self.taken}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.taken = int(state["taken"])
 
 
-def _reporter(on_step: StepCallback | None, phase: str, total: int) -> Callable[[Tensor], None]:
-    done = 0
+class TrunkSnapshots(Callback):
+    """Keeps the trunk's population and optimizer state at every decision (a spawn step) and writes
+    each as ``run_dir/trunk_k1_<k1>.pt``; its state (the snapshots) lives in the trunk's checkpoints."""
 
-    def report(losses: Tensor) -> None:
-        nonlocal done
-        done += 1
-        if on_step is not None:
-            on_step(phase, done, total, losses)
+    def __init__(self, run_dir: Path | None) -> None:
+        self.run_dir = run_dir
+        self.snapshots: list[dict[str, Any]] = []
 
-    return report
+    def on_round(self, trainer: PopulationTrainer, record: dict[str, Any]) -> None:
+        self.take(trainer)
+
+    def take(self, trainer: PopulationTrainer) -> None:
+        snapshot = copy.deepcopy({"population": trainer.population.state_dict(), "optimizer": trainer.optimizer.state_dict()})
+        self.snapshots.append(snapshot)
+        if self.run_dir is not None:
+            save_checkpoint(self.run_dir / f"trunk_k1_{trainer.global_step}.pt", {"k1": trainer.global_step, **snapshot})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"snapshots": self.snapshots}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.snapshots = state["snapshots"]
 
 
-def _train_trunk(
-    step: TrainStep, loader: DeviceLoader, k1: list[int], run_dir: Path | None, on_step: StepCallback | None
-) -> list[dict[str, Any]]:
-    """Train the trunk to ``max(k1)``; the population and optimizer state at every k1 (saved to ``run_dir``)."""
-    report = _reporter(on_step, "trunk", k1[-1])
-    snapshots, done = [], 0
-    for k in k1:
-        _run_steps(step, loader, k - done, report)
-        done = k
-        snapshot = copy.deepcopy({"population": step.population.state_dict(), "optimizer": step.optimizer.state_dict()})
-        snapshots.append(snapshot)
-        if run_dir is not None:
-            save_checkpoint(run_dir / f"trunk_k1_{k}.pt", {"k1": k, **snapshot})
-    return snapshots
+class PhaseSteps(Callback):
+    """Calls ``on_step(phase, done, total, losses)`` after every step of a phase that started at ``start``."""
+
+    def __init__(self, on_step: StepCallback, phase: str, start: int, total: int) -> None:
+        self.on_step_fn, self.phase, self.start, self.total = on_step, phase, start, total
+
+    def on_step(self, trainer: PopulationTrainer, losses: Tensor) -> None:
+        self.on_step_fn(self.phase, trainer.global_step - self.start, self.total, losses)
+
+
+TRUNK_CHECKPOINT = "trunk.pt"
+BRANCHES_CHECKPOINT = "branches.pt"
 
 
 def instability(
@@ -147,6 +179,8 @@ def instability(
     copy_seeds: Sequence[int] | None = None,
     pair_chunk_size: int = 8,
     on_step: StepCallback | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 100,
 ) -> InstabilityResult:
     """Instability analysis (Frankle et al. 2020): how the barrier between spawned copies depends on k1.
 
@@ -159,17 +193,27 @@ def instability(
     measured on ``eval_data`` (default: ``data``); see :func:`popvec.studies.lmc.interpolate` for ``alphas``/``bn``
     (BatchNorm statistics are recomputed over ``data``). ``on_step(phase, done, total, losses)``
     is called after each step of phase ``"trunk"`` and ``"branches"``.
+
+    Both phases train with :meth:`PopulationTrainer.fit`. With ``run_dir`` the trunk is
+    checkpointed at every k1 (``trunk.pt``) and the branches every ``checkpoint_every`` steps
+    (``branches.pt``); ``resume=True`` continues from those files (or starts over when there are
+    none yet) and ends with the same branches, bit for bit on the CPU, as an uninterrupted run.
     """
     k1 = _check_k1(k1_values)
     _check_count("k2", k2, 0)
     _check_count("copies", copies, 2)
+    _check_count("checkpoint_every", checkpoint_every, 1)
     seeds = [seed + 1 + c for c in range(copies)] if copy_seeds is None else list(copy_seeds)
     if len(seeds) != copies:
         raise ValueError(f"copy_seeds must have one seed per copy ({copies}), got {len(seeds)}")
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs run_dir (the folder of the run to continue)")
     train = data if isinstance(data, TensorSplit) else TensorSplit(*data)
     device = torch.device(device) if device is not None else train.x.device
     train = train.to(device)
     folder = Path(run_dir) if run_dir is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         population = Population.from_factory(model_fn, 1, seed, device)
@@ -177,15 +221,45 @@ def instability(
         if not isinstance(optimizer, optim.PopulationOptimizer) or optimizer.population is not population:
             raise TypeError("optimizer_fn must return a popvec optimizer (e.g. popvec.optim.SGD) built on the population it is given")
         spec = path_evaluation(population.skeleton, train if eval_data is None else eval_data, loss_fn, bn, train, 1024, None)
-        step = TrainStep(population, optimizer, loss_fn)
-        snapshots = _train_trunk(step, DeviceLoader(train, batch_size, seed=seed), k1, folder, on_step)
-        spawn = torch.arange(len(k1)).repeat_interleave(copies)
-        population.load_state_dict(_stack_states([s["population"] for s in snapshots])).select(spawn)
-        optimizer.load_state_dict(_stack_states([s["optimizer"] for s in snapshots])).select(spawn)
+        branches_path = folder / BRANCHES_CHECKPOINT if folder is not None else None
+        trainer = PopulationTrainer(population, optimizer, loss_fn, callbacks=[])
+        if resume and branches_path is not None and branches_path.is_file():
+            trainer.load_checkpoint(branches_path)  # the branches' whole state (N = len(k1) * copies)
+        else:
+            snapshots = _train_trunk(trainer, train, batch_size, seed, k1, folder, resume, on_step)
+            trainer = PopulationTrainer(population, optimizer, loss_fn, callbacks=[])
+            trainer.state.load_state_dict({"population": _stack_states([s["population"] for s in snapshots]),
+                                           "optimizer": _stack_states([s["optimizer"] for s in snapshots])})
+            trainer.select(torch.arange(len(k1)).repeat_interleave(copies))
         loader = DeviceLoader(train, batch_size, num_members=population.n, seed=seeds[0])
         loader.reseed(list(range(population.n)), seeds * len(k1))
-        _run_steps(step, loader, k2, _reporter(on_step, "branches", k2))
+        if on_step is not None:
+            trainer.callbacks.append(PhaseSteps(on_step, "branches", 0, k2))
+        trainer.fit(loader, None, k2, checkpoint_path=branches_path, checkpoint_every=checkpoint_every)
     return _instability_result(population, k1, k2, copies, as_alphas(alphas), spec, pair_chunk_size)
+
+
+def _train_trunk(
+    trainer: PopulationTrainer,
+    train: TensorSplit,
+    batch_size: int,
+    seed: int,
+    k1: list[int],
+    run_dir: Path | None,
+    resume: bool,
+    on_step: StepCallback | None,
+) -> list[dict[str, Any]]:
+    """Train the trunk to ``max(k1)`` with the one loop; its population and optimizer state at every k1."""
+    snapshots = TrunkSnapshots(run_dir)
+    trainer.callbacks = [snapshots, *([PhaseSteps(on_step, "trunk", 0, k1[-1])] if on_step is not None else [])]
+    checkpoint = run_dir / TRUNK_CHECKPOINT if run_dir is not None else None
+    if resume and checkpoint is not None and checkpoint.is_file():
+        trainer.load_checkpoint(checkpoint)
+    if k1[-1] == 0:  # nothing to train: the only spawn point is the initialization
+        snapshots.take(trainer)
+        return snapshots.snapshots
+    trainer.fit(DeviceLoader(train, batch_size, seed=seed), None, k1[-1], SnapshotSteps(k1), checkpoint_path=checkpoint)
+    return snapshots.snapshots
 
 
 def _instability_result(
