@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from popvec import checks
+
 __all__ = [
     "Schedule",
     "constant",
@@ -61,9 +63,7 @@ class Schedule:
 
 
 def _positive(name: str, value: Value) -> None:
-    bad = (value <= 0).any() if isinstance(value, Tensor) else value <= 0
-    if bad:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    checks.number_or_tensor(name, value, 0.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,5 @@ def warmup(warmup_steps: Value, after: Schedule | None = None, start_factor: Val
 def cosine_restarts(first_cycle: Value, cycle_mult: float = 1.0, min_factor: Value = 0.0) -> Schedule:
     """Cosine decay restarted every cycle; cycles grow by ``cycle_mult`` (``CosineAnnealingWarmRestarts``)."""
     _positive("first_cycle", first_cycle)
-    if cycle_mult < 1:
-        raise ValueError(f"cycle_mult must be >= 1, got {cycle_mult}")
+    checks.number("cycle_mult", cycle_mult, 1.0)
     return _CosineRestarts(first_cycle, float(cycle_mult), min_factor)
