@@ -68,10 +68,10 @@ def number_pair(names: str = "LOW,HIGH", ordered: bool = True, minimum: float = 
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {names} (two numbers), got {text!r}") from None
         try:
-            for name, value in zip(names.split(","), (first, second)):
-                checks.number(name, value, low=minimum)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
+            for value in (first, second):
+                checks.number(names, value, low=minimum)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{' and '.join(names.split(','))} must be finite and >= {minimum:g}, got {text!r}") from None
         if ordered and not first <= second:
             raise argparse.ArgumentTypeError(f"{names} needs the first <= the second, got {text}")
         return first, second
