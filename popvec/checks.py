@@ -118,24 +118,20 @@ def integer(name: str, value: Any, minimum: int | None = 1, maximum: int | None 
 
     Bools and floats (even ``2.0``) raise :class:`CheckTypeError`; out of range raises ``ValueError``.
     """
-    message = f"{name} must {_integer_phrase(minimum, maximum)}, got {value!r}"
-    if not _is_integer(value):
-        raise CheckTypeError(message)
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(message)
-    return int(value)
+    return _integer(name, value, minimum, maximum, optional=False)
 
 
 def optional_integer(name: str, value: Any, minimum: int | None = 1, maximum: int | None = None) -> int | None:
     """``None``, or ``value`` checked as by :func:`integer`."""
-    if value is None:
-        return None
-    message = f"{name} must {_integer_phrase(minimum, maximum, optional=True)}, got {value!r}"
-    if not _is_integer(value):
-        raise CheckTypeError(message)
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(message)
-    return int(value)
+    return None if value is None else _integer(name, value, minimum, maximum, optional=True)
+
+
+def _integer(name: str, value: Any, minimum: int | None, maximum: int | None, optional: bool) -> int:
+    is_integer = _is_integer(value)
+    if is_integer and (minimum is None or value >= minimum) and (maximum is None or value <= maximum):
+        return int(value)
+    error = ValueError if is_integer else CheckTypeError
+    raise error(f"{name} must {_integer_phrase(minimum, maximum, optional)}, got {value!r}")
 
 
 def number(
@@ -152,9 +148,7 @@ def number(
     NaN always fails; ``inf`` fails unless ``allow_inf`` (and the interval holds it). Bools and
     non-numbers raise :class:`CheckTypeError`.
     """
-    _check_bounds(low, high)
-    message = f"{name} must {_number_phrase(low, high, low_open, high_open, allow_inf)}, got {value!r}"
-    return _number(message, value, low, high, low_open, high_open, allow_inf)
+    return _number(name, value, low, high, low_open, high_open, allow_inf, optional=False)
 
 
 def optional_number(
@@ -167,20 +161,23 @@ def optional_number(
     allow_inf: bool = False,
 ) -> float | None:
     """``None``, or ``value`` checked as by :func:`number`."""
-    if value is None:
-        return None
+    return None if value is None else _number(name, value, low, high, low_open, high_open, allow_inf, optional=True)
+
+
+def _number(
+    name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool, allow_inf: bool, optional: bool
+) -> float:
     _check_bounds(low, high)
-    message = f"{name} must {_number_phrase(low, high, low_open, high_open, allow_inf, optional=True)}, got {value!r}"
-    return _number(message, value, low, high, low_open, high_open, allow_inf)
-
-
-def _number(message: str, value: Any, low: float, high: float, low_open: bool, high_open: bool, allow_inf: bool) -> float:
-    if not _is_real(value):
-        raise CheckTypeError(message)
-    v = float(value)
-    if not (allow_inf or math.isfinite(v)) or not _in_interval(v, low, high, low_open, high_open):
-        raise ValueError(message)
-    return v
+    is_real = _is_real(value)
+    if is_real:
+        try:
+            v = float(value)
+        except OverflowError:  # an int too large for a float
+            v = INF if value > 0 else -INF
+        if (allow_inf or math.isfinite(v)) and _in_interval(v, low, high, low_open, high_open):
+            return v
+    error = ValueError if is_real else CheckTypeError
+    raise error(f"{name} must {_number_phrase(low, high, low_open, high_open, allow_inf, optional)}, got {value!r}")
 
 
 def unit_interval(name: str, value: Any, low_open: bool = False, high_open: bool = False) -> float:

@@ -159,6 +159,18 @@ def test_number_rejects_non_numbers(v: Any) -> None:
         checks.unit_interval(NAME, v)
 
 
+@fast
+@given(v=st.one_of(st.integers(), st.integers(-(10**400), 10**400)))
+def test_number_takes_ints_and_refuses_ones_too_large_for_a_float(v: int) -> None:
+    try:
+        expected = float(v)
+    except OverflowError:
+        with pytest.raises(ValueError, match=MATCH):
+            checks.number(NAME, v)
+    else:
+        assert checks.number(NAME, v) == expected
+
+
 @pytest.mark.parametrize(("low_open", "high_open"), [(False, False), (True, False), (False, True), (True, True)])
 def test_unit_interval_ends(low_open: bool, high_open: bool) -> None:
     for end, is_open in ((0.0, low_open), (1.0, high_open)):
