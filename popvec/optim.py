@@ -555,9 +555,8 @@ class TorchOptimizer:
 
     def set_hparam(self, name: str, values: HParam) -> None:
         """Only ``max_grad_norm`` is per member here (a ``torch.optim`` learning rate is shared by all members)."""
-        if name not in self.hparams:
-            raise ValueError(f"name must be one of {sorted(self.hparams)} for a torch.optim optimizer, got {name!r}")
-        self.hparams[name] = as_member_values(name, values, self.n, self.population.device)
+        checks.choice("name", name, sorted(self.hparams))
+        self.hparams[name] = checks.member_values(name, values, self.n, self.population.device, **_MAX_GRAD_NORM)
 
     def graph_key(self) -> tuple[Any, ...]:
         return ()

@@ -485,3 +485,15 @@ def test_set_hparam_checks_nesterov() -> None:
     opt.set_hparam("momentum", 0.5)
     with pytest.raises(ValueError, match="name must be one of"):
         opt.set_hparam("beta1", 0.9)
+
+
+def test_torch_optimizer_set_hparam_checks_max_grad_norm() -> None:
+    pop = Population.from_factory(tiny_mlp, N)
+    opt = optim.from_torch(pop, lambda ps: torch.optim.SGD(ps, lr=0.1), max_grad_norm=1.0)
+    opt.set_hparam("max_grad_norm", math.inf)  # clips nothing, still measures
+    for bad in (math.nan, 0.0, -1.0, True, [1.0] * (N + 1)):
+        with pytest.raises(ValueError, match="max_grad_norm"):
+            opt.set_hparam("max_grad_norm", bad)
+    assert opt.hparams["max_grad_norm"].isinf().all()
+    with pytest.raises(ValueError, match="name must be one of max_grad_norm"):
+        opt.set_hparam("lr", 0.1)
