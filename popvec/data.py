@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from popvec import checks
+
 __all__ = [
     "DATASET_NAMES",
     "DatasetSplits",
@@ -103,12 +105,9 @@ def load_dataset(
     official test set as test. ``image_size`` resizes images to
     ``image_size x image_size`` (bilinear) once, at load time.
     """
-    if name not in DATASET_NAMES:
-        raise ValueError(f"dataset must be one of {', '.join(DATASET_NAMES)}; got {name!r}")
-    if image_size is not None and image_size < 1:
-        raise ValueError(f"image_size must be >= 1 or None; got {image_size}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction}")
+    checks.choice("dataset", name, DATASET_NAMES)
+    checks.optional_integer("image_size", image_size)
+    checks.unit_interval("val_fraction", val_fraction, low_open=True, high_open=True)
     if name == "digits":
         return _load_digits(image_size)
     return _load_torchvision(name, Path(data_dir), download, image_size, val_fraction)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from popvec import checks
 from popvec.data import TensorSplit
 
 __all__ = ["DeviceLoader", "iterate_batches", "BatchSource", "LoaderSource", "DeviceSource", "as_source"]
@@ -33,14 +34,6 @@ def _epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> Tens
     # numpy's permutation is ~10x faster than torch.randperm on the CPU.
     rng = np.random.default_rng([seed % 2**64, epoch])
     return torch.from_numpy(rng.permutation(num_samples))
-
-
-def _index_tensor(values: Tensor | Sequence[int], arg: str) -> Tensor:
-    """``values`` as a 1-D int64 CPU tensor, or ValueError naming ``arg``."""
-    out = torch.as_tensor(values).detach().cpu()
-    if out.dim() != 1 or out.is_floating_point() or out.is_complex() or out.dtype == torch.bool:
-        raise ValueError(f"{arg} must be a 1-D sequence of integers; got {values!r}")
-    return out.long()
 
 
 class DeviceLoader:
@@ -72,11 +65,10 @@ class DeviceLoader:
         num_samples = len(split)
         if num_samples < 1:
             raise ValueError("split must hold at least one sample")
-        if batch_size < 1 or (drop_last and batch_size > num_samples):
-            limit = f" and <= len(split) = {num_samples} with drop_last" if drop_last else ""
-            raise ValueError(f"batch_size must be >= 1{limit}; got {batch_size}")
-        if num_members is not None and num_members < 1:
-            raise ValueError(f"num_members must be >= 1 or None; got {num_members}")
+        checks.integer("batch_size", batch_size)
+        if drop_last and batch_size > num_samples:
+            raise ValueError(f"batch_size must be <= len(split) = {num_samples} with drop_last; got {batch_size}")
+        checks.optional_integer("num_members", num_members)
         self.split = split
         self.batch_size = batch_size
         self.seed = seed
@@ -154,11 +146,7 @@ class DeviceLoader:
         """``values`` as validated member positions (1-D int64 CPU tensor)."""
         if self.member_seeds is None:
             raise ValueError(f"{method}() needs per-member mode (num_members=N)")
-        idx = _index_tensor(values, arg)
-        n = self.member_seeds.numel()
-        if idx.numel() > 0 and (int(idx.min()) < 0 or int(idx.max()) >= n):
-            raise ValueError(f"{arg} must lie in [0, {n}); got {idx.tolist()}")
-        return idx
+        return checks.positions(arg, values, self.member_seeds.numel(), "cpu", allow_empty=True)
 
     def select(self, indices: Tensor | Sequence[int]) -> None:
         """Keep members ``indices`` in that order (new member ``i`` = old ``indices[i]``).
@@ -184,7 +172,7 @@ class DeviceLoader:
         its order depends only on (new seed, epoch). Other members are untouched.
         """
         pos = self._member_positions(positions, "positions", "reseed")
-        new_seeds = _index_tensor(seeds, "seeds")
+        new_seeds = checks.integers("seeds", seeds)
         if new_seeds.numel() != pos.numel():
             raise ValueError(
                 f"seeds must have one entry per position; got {new_seeds.numel()} for {pos.numel()}"
@@ -250,8 +238,7 @@ def iterate_batches(
     into views of ``batch_size``) or any iterable of ``(x, y)`` batches such as
     a ``DataLoader`` (passed through unchanged).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    checks.integer("batch_size", batch_size)
     if isinstance(data, TensorSplit):
         data = (data.x, data.y)
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from popvec import checks
+
 __all__ = [
     "MODEL_NAMES",
     "LeNet5",
@@ -81,10 +83,7 @@ class LeNet5(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
         super().__init__()
-        if image_size not in _LENET_IMAGE_SIZES:
-            raise ValueError(
-                f"LeNet5: image_size must be one of {_LENET_IMAGE_SIZES}, got {image_size!r}"
-            )
+        checks.choice("LeNet5: image_size", image_size, _LENET_IMAGE_SIZES)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 6, 5, padding=2 if image_size == 28 else 0),
             nn.ReLU(),
@@ -218,8 +217,7 @@ class ResNet18(_CifarResNet):
 
 
 def _check_name(name: str) -> None:
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
+    checks.choice("model", name, MODEL_NAMES)
 
 
 def build_model(

@@ -16,11 +16,12 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from popvec import checks
 from popvec.schedules import Schedule
 from popvec.population import IndexLike, Population, as_index, as_mask
 
@@ -44,16 +45,13 @@ __all__ = [
 HParam = float | Sequence[float] | Tensor
 
 
-def as_member_values(name: str, value: HParam, n: int, device: torch.device) -> Tensor:
-    """A float, a length-``n`` sequence or a tensor as an ``[n]`` float32 tensor on ``device``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number or one number per member, got a bool")
-    values = torch.as_tensor(value, dtype=torch.float32).detach()
-    if values.dim() == 0:
-        values = values.expand(n)
-    if values.shape != (n,):
-        raise ValueError(f"{name} must be a float or have one value per member (length {n}), got shape {tuple(values.shape)}")
-    return values.to(device).clone()
+#: A float or one value per member as a fresh ``[n]`` float32 tensor (``checks.member_values``).
+as_member_values = checks.member_values
+
+#: ``max_grad_norm``'s range: > 0; ``inf`` clips nothing but still returns each member's norm.
+_MAX_GRAD_NORM: dict[str, Any] = {"low": 0.0, "low_open": True, "allow_inf": True}
+_NONNEGATIVE: dict[str, Any] = {"low": 0.0}
+_BETA: dict[str, Any] = {"low": 0.0, "high": 1.0, "high_open": True}
 
 
 def _bcast(values: Tensor, like: Tensor) -> Tensor:
@@ -78,15 +76,6 @@ def clip_grad_norm(grads: Sequence[Tensor], max_norm: Tensor) -> Tensor:
     for g in grads:
         g.mul_(_bcast(coef, g))
     return norms
-
-
-def _check_range(name: str, values: Tensor, low: float, high: float | None = None, low_open: bool = False) -> None:
-    bad = (values <= low) if low_open else (values < low)
-    if high is not None:
-        bad = bad | (values >= high)
-    if bool(bad.any()):
-        allowed = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{')' }"
-        raise ValueError(f"{name} must lie in {allowed}, got {values.tolist()}")
 
 
 @runtime_checkable
@@ -146,6 +135,9 @@ class PopulationOptimizer:
     """
 
     state_names: tuple[str, ...] = ()
+    #: each hyperparameter's allowed interval (``checks.member_values`` keywords); the constructor
+    #: and ``set_hparam`` both check it. A name not listed may take any finite value.
+    hparam_ranges: ClassVar[dict[str, dict[str, Any]]] = {"lr": _NONNEGATIVE, "max_grad_norm": _MAX_GRAD_NORM}
     #: hyperparameters the fused kernel needs shared by all members
     shared_for_fused: tuple[str, ...] = ()
     cuda_graph_capable = True
@@ -159,11 +151,10 @@ class PopulationOptimizer:
     ) -> None:
         self.population = population
         n, device = population.n, population.device
-        self.hparams: dict[str, Tensor] = {k: as_member_values(k, v, n, device) for k, v in hparams.items()}
+        self.hparams: dict[str, Tensor] = {k: self._hparam_values(k, v, n, device) for k, v in hparams.items()}
         if max_grad_norm is not None:
-            self.hparams["max_grad_norm"] = as_member_values("max_grad_norm", max_grad_norm, n, device)
-            _check_range("max_grad_norm", self.hparams["max_grad_norm"], 0.0, low_open=True)
-        _check_range("lr", self.hparams["lr"], 0.0)
+            self.hparams["max_grad_norm"] = self._hparam_values("max_grad_norm", max_grad_norm, n, device)
+        self._check_together(self.hparams)
         self.schedule = schedule.to(device) if schedule is not None else None
         self.steps = torch.zeros(n, dtype=torch.float32, device=device)
         # The shared step count, known on the host while every member has taken the same number of
@@ -181,10 +172,18 @@ class PopulationOptimizer:
 
     def set_hparam(self, name: str, values: HParam) -> None:
         """Replace hyperparameter ``name`` (a float or one value per member), e.g. for PBT's explore."""
-        if name not in self.hparams:
-            raise ValueError(f"name must be one of {sorted(self.hparams)}, got {name!r}")
-        self.hparams[name] = as_member_values(name, values, self.n, self.steps.device)
+        checks.choice("name", name, sorted(self.hparams))
+        new = self._hparam_values(name, values, self.n, self.steps.device)
+        self._check_together({**self.hparams, name: new})
+        self.hparams[name] = new
         self.hparams_changed()
+
+    def _hparam_values(self, name: str, values: HParam, n: int, device: torch.device) -> Tensor:
+        """``values`` as ``[n]`` on ``device``, checked against ``hparam_ranges[name]``."""
+        return checks.member_values(name, values, n, device, **self.hparam_ranges.get(name, {}))
+
+    def _check_together(self, hparams: dict[str, Tensor]) -> None:
+        """Raise if hyperparameters are valid alone but not together (e.g. SGD's nesterov)."""
 
     def hparams_changed(self) -> None:
         """Recompute host-side facts about ``hparams``; call after editing them in place."""
@@ -338,6 +337,9 @@ class SGD(PopulationOptimizer):
 
     state_names = ("momentum_buffer",)
     shared_for_fused = ("momentum", "dampening")
+    hparam_ranges: ClassVar[dict[str, dict[str, Any]]] = {
+        **PopulationOptimizer.hparam_ranges, "momentum": _NONNEGATIVE, "dampening": _NONNEGATIVE, "weight_decay": _NONNEGATIVE,
+    }
 
     def __init__(
         self,
@@ -357,9 +359,9 @@ class SGD(PopulationOptimizer):
             max_grad_norm,
             schedule,
         )
-        _check_range("momentum", self.hparams["momentum"], 0.0)
-        _check_range("weight_decay", self.hparams["weight_decay"], 0.0)
-        if nesterov and bool(((self.hparams["momentum"] <= 0) | (self.hparams["dampening"] != 0)).any()):
+
+    def _check_together(self, hparams: dict[str, Tensor]) -> None:
+        if self.nesterov and bool(((hparams["momentum"] <= 0) | (hparams["dampening"] != 0)).any()):
             raise ValueError("nesterov=True requires momentum > 0 and dampening == 0 for every member")
 
     def _fused_direction(self, out, grads, params, states):  # noqa: D102 - see class docstring
@@ -395,6 +397,9 @@ class Adam(PopulationOptimizer):
 
     state_names = ("exp_avg", "exp_avg_sq")
     shared_for_fused = ("beta1", "beta2", "eps")
+    hparam_ranges: ClassVar[dict[str, dict[str, Any]]] = {
+        **PopulationOptimizer.hparam_ranges, "beta1": _BETA, "beta2": _BETA, "eps": _NONNEGATIVE, "weight_decay": _NONNEGATIVE,
+    }
     decoupled_weight_decay = False
 
     def __init__(
@@ -413,9 +418,6 @@ class Adam(PopulationOptimizer):
             max_grad_norm,
             schedule,
         )
-        for name in ("beta1", "beta2"):
-            _check_range(name, self.hparams[name], 0.0, 1.0)
-        _check_range("weight_decay", self.hparams["weight_decay"], 0.0)
 
     def _fused_direction(self, out, grads, params, states):  # noqa: D102 - see class docstring
         step = self.steps[:1].reshape(())
@@ -492,8 +494,7 @@ def make(name: str, population: Population, schedule: Schedule | None = None, ne
     ``make("sgd", pop, lr=0.05, momentum=0.9)``; ``make("adam", pop, lr=[...], beta2=0.99)``. A name
     the optimizer does not take is refused, naming what it takes.
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    checks.choice("optimizer", name, OPTIMIZERS)
     known = OPTIMIZER_HPARAMS[name]
     unknown = sorted(set(hparams) - set(known))
     if unknown:
@@ -546,7 +547,7 @@ class TorchOptimizer:
             )
         self.hparams: dict[str, Tensor] = {}
         if max_grad_norm is not None:
-            self.hparams["max_grad_norm"] = as_member_values("max_grad_norm", max_grad_norm, population.n, population.device)
+            self.hparams["max_grad_norm"] = checks.member_values("max_grad_norm", max_grad_norm, population.n, population.device, **_MAX_GRAD_NORM)
 
     @property
     def n(self) -> int:
@@ -554,9 +555,8 @@ class TorchOptimizer:
 
     def set_hparam(self, name: str, values: HParam) -> None:
         """Only ``max_grad_norm`` is per member here (a ``torch.optim`` learning rate is shared by all members)."""
-        if name not in self.hparams:
-            raise ValueError(f"name must be one of {sorted(self.hparams)} for a torch.optim optimizer, got {name!r}")
-        self.hparams[name] = as_member_values(name, values, self.n, self.population.device)
+        checks.choice("name", name, sorted(self.hparams))
+        self.hparams[name] = checks.member_values(name, values, self.n, self.population.device, **_MAX_GRAD_NORM)
 
     def graph_key(self) -> tuple[Any, ...]:
         return ()

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from popvec import checks
+
 __all__ = ["Population", "as_index", "as_mask", "member_seeds"]
 
 IndexLike = Tensor | Sequence[int]
@@ -26,16 +28,8 @@ def member_seeds(seed: int, n: int) -> list[int]:
 
 
 def as_index(indices: IndexLike, n: int, device: torch.device | str | None = None) -> Tensor:
-    """Validate ``indices`` (ints in ``[0, n)``, at least one) and return them as an int64 tensor."""
-    index = torch.as_tensor(indices, dtype=torch.long, device="cpu") if not isinstance(indices, Tensor) else indices
-    if index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"indices must be integers, got dtype {index.dtype}")
-    if index.dim() != 1 or index.numel() == 0:
-        raise ValueError(f"indices must be a non-empty 1-D sequence of member positions, got shape {tuple(index.shape)}")
-    lo, hi = int(index.min()), int(index.max())
-    if lo < 0 or hi >= n:
-        raise ValueError(f"indices must lie in [0, {n - 1}] for a population of {n} members, got {lo}..{hi}")
-    return index.to(device=device, dtype=torch.long)
+    """Validate ``indices`` (ints in ``[0, n)``, at least one; no bools or floats) as an int64 tensor."""
+    return checks.positions("indices", indices, n, device)
 
 
 def as_mask(mask: Tensor | Sequence[bool], n: int, device: torch.device | str | None = None) -> Tensor:
@@ -46,20 +40,6 @@ def as_mask(mask: Tensor | Sequence[bool], n: int, device: torch.device | str | 
     if values.shape != (n,):
         raise ValueError(f"mask must have one entry per member (shape ({n},)), got shape {tuple(values.shape)}")
     return values.to(device)
-
-
-def _member_factors(name: str, value: float | Sequence[float] | Tensor, n: int) -> Tensor:
-    """A float or one float per member as an ``[n]`` float32 tensor (CPU); all >= 0."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number or one number per member, got a bool")
-    values = torch.as_tensor(value, dtype=torch.float32).detach().cpu()
-    if values.dim() == 0:
-        values = values.expand(n)
-    if values.shape != (n,):
-        raise ValueError(f"{name} must be a float or have one value per member (length {n}), got shape {tuple(values.shape)}")
-    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
-        raise ValueError(f"{name} must be finite and >= 0 for every member, got {values.tolist()}")
-    return values.clone()
 
 
 def _named_tensors(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -155,8 +135,7 @@ class Population:
         The global RNG is left as it was, so building a population does not disturb the caller's
         random stream.
         """
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        n = checks.integer("n", n)
         modules = []
         with torch.random.fork_rng(devices=[]):
             for member_seed in member_seeds(seed, n):
@@ -343,7 +322,7 @@ class Population:
         Returns ``self``.
         """
         n = self.n
-        lam_v, sigma_v = _member_factors("lam", lam, n), _member_factors("sigma", sigma, n)
+        lam_v, sigma_v = checks.member_values("lam", lam, n, low=0.0), checks.member_values("sigma", sigma, n, low=0.0)
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()))
         noise = self._fresh_init(seed, model_fn)
@@ -385,8 +364,7 @@ class Population:
 
 def spawn_indices(indices: IndexLike, copies: int, n: int) -> Tensor:
     """Positions selecting ``copies`` consecutive copies of each of ``indices`` (members of ``n``)."""
-    if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
-        raise ValueError(f"copies must be an integer >= 1, got {copies!r}")
+    copies = checks.integer("copies", copies)
     return as_index(list(indices) if not isinstance(indices, Tensor) else indices, n).repeat_interleave(copies)
 
 

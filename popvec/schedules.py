@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from popvec import checks
+
 __all__ = [
     "Schedule",
     "constant",
@@ -58,12 +60,6 @@ class Schedule:
             if isinstance(value, (Tensor, Schedule)):
                 changes[f.name] = value.to(device)
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
-
-
-def _positive(name: str, value: Value) -> None:
-    bad = (value <= 0).any() if isinstance(value, Tensor) else value <= 0
-    if bad:
-        raise ValueError(f"{name} must be > 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -140,13 +136,13 @@ def constant() -> Schedule:
 
 def step_decay(step_size: Value, gamma: Value = 0.1) -> Schedule:
     """Multiply by ``gamma`` every ``step_size`` steps (``StepLR``)."""
-    _positive("step_size", step_size)
+    checks.number_or_tensor("step_size", step_size, 0.0, low_open=True)
     return _StepDecay(step_size, gamma)
 
 
 def cosine(total_steps: Value, min_factor: Value = 0.0) -> Schedule:
     """Half-cosine from 1 to ``min_factor`` over ``total_steps``, then flat (``CosineAnnealingLR``)."""
-    _positive("total_steps", total_steps)
+    checks.number_or_tensor("total_steps", total_steps, 0.0, low_open=True)
     return _Cosine(total_steps, min_factor)
 
 
@@ -155,13 +151,12 @@ def warmup(warmup_steps: Value, after: Schedule | None = None, start_factor: Val
 
     ``after`` sees steps counted from the end of the warmup.
     """
-    _positive("warmup_steps", warmup_steps)
+    checks.number_or_tensor("warmup_steps", warmup_steps, 0.0, low_open=True)
     return _Warmup(warmup_steps, start_factor, after or constant())
 
 
 def cosine_restarts(first_cycle: Value, cycle_mult: float = 1.0, min_factor: Value = 0.0) -> Schedule:
     """Cosine decay restarted every cycle; cycles grow by ``cycle_mult`` (``CosineAnnealingWarmRestarts``)."""
-    _positive("first_cycle", first_cycle)
-    if cycle_mult < 1:
-        raise ValueError(f"cycle_mult must be >= 1, got {cycle_mult}")
+    checks.number_or_tensor("first_cycle", first_cycle, 0.0, low_open=True)
+    checks.number("cycle_mult", cycle_mult, 1.0)
     return _CosineRestarts(first_cycle, float(cycle_mult), min_factor)

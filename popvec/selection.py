@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from popvec import checks
+
 __all__ = ["MetricsTable", "SelectionPolicy", "SuccessiveHalving", "Decision", "as_decision", "rank", "elimination_schedule"]
 
 
@@ -38,8 +40,7 @@ class MetricsTable:
 
 def rank(table: MetricsTable, metric: str, descending: bool = False) -> list[int]:
     """Positions sorted best first by ``metric`` (NaN last), ties broken by member id then position."""
-    if metric not in table.columns:
-        raise ValueError(f"metric must be one of {sorted(table.columns)}, got {metric!r}")
+    checks.choice("metric", metric, sorted(table.columns))
     values = table.columns[metric]
 
     def key(p: int) -> tuple[bool, float, int, int]:
@@ -106,8 +107,8 @@ def elimination_schedule(num_models: int, reduce_factor: float) -> list[int]:
 
 
 def check_reduce_factor(reduce_factor: float) -> None:
-    if not isinstance(reduce_factor, (int, float)) or not 0 < reduce_factor < 1:
-        raise ValueError(f"reduce_factor must be a number in (0, 1), got {reduce_factor!r}")
+    """The fraction of members kept each round: a number in (0, 1)."""
+    checks.unit_interval("reduce_factor", reduce_factor, low_open=True, high_open=True)
 
 
 @dataclass
@@ -127,8 +128,7 @@ class SuccessiveHalving:
     final_step: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.interval, int) or self.interval < 1:
-            raise ValueError(f"interval (num_elim_steps) must be an integer >= 1, got {self.interval!r}")
+        checks.integer("interval (num_elim_steps)", self.interval)
         check_reduce_factor(self.reduce_factor)
 
     def next_decision(self, step: int, n: int) -> int | None:

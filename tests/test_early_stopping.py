@@ -103,7 +103,7 @@ def test_wraps_another_policy_and_keeps_one() -> None:
         ({"patience": 0}, "patience must be None or an integer >= 1"),
         ({"slope_window": 2.5}, "slope_window must be None or an integer >= 1"),
         ({"check_every": -1}, "check_every must be None or an integer >= 1"),
-        ({"min_delta": -1}, "min_delta must be a number >= 0"),
+        ({"min_delta": -1}, "min_delta must be a finite number >= 0"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:

@@ -281,12 +281,12 @@ def test_joint_trainer_learns_and_predicts() -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"temperature": 0.0}, "temperature must be a finite number > 0"),
         ({"distill_weight": -1.0}, "distill_weight must be a finite number >= 0"),
         ({"member_weight": -0.5}, "member_weight must be a finite number >= 0"),
         ({"accumulation_steps": 0}, "accumulation_steps must be an integer >= 1"),
         ({"features": "nope"}, "features must be 'outputs', 'penultimate' or a submodule name"),
-        ({"head_max_grad_norm": 0.0}, "head_max_grad_norm must be None or > 0"),
+        ({"head_max_grad_norm": 0.0}, "head_max_grad_norm must be None or a number > 0"),
     ],
 )
 def test_joint_trainer_bad_arguments(kwargs: dict[str, Any], match: str) -> None:

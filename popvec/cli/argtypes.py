@@ -1,47 +1,59 @@
-"""Argument types for the ``popvec`` commands: parse a flag's text and check its range.
+"""Argument types for the ``popvec`` commands: parse a flag's text, then check it with :mod:`popvec.checks`.
 
-Each factory returns a function for ``argparse``'s ``type=``; a bad value raises
-``ArgumentTypeError`` with the allowed range, which the commands print as one line (exit 2).
+Each factory returns a function for ``argparse``'s ``type=``. The range check is the library's own
+(the same validators the functions behind the flags use), so ranges and their wording are defined
+once; a bad value raises ``ArgumentTypeError`` with the allowed range, which the commands print as
+one line (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from collections.abc import Callable
+from typing import Any, TypeVar
+
+from popvec import checks
 
 __all__ = ["integer", "number", "positive_int", "positive_float", "nonnegative_float", "open_unit", "number_pair"]
+
+T = TypeVar("T")
+_SUBJECT = "value"
+
+
+def _checked(check: Callable[[str, Any], T], value: Any) -> T:
+    """``check(value)``, its message (less the subject) re-raised for argparse."""
+    try:
+        return check(_SUBJECT, value)
+    except ValueError as err:  # checks.CheckTypeError is a ValueError too
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"{_SUBJECT} ")) from None
 
 
 def integer(minimum: int = 1) -> Callable[[str], int]:
     """An integer ``>= minimum``."""
+    check = functools.partial(checks.integer, minimum=minimum)
 
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            value: Any = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
-        return value
+            value = text  # not an integer: the check says what is allowed
+        return _checked(check, value)
 
     return parse
 
 
 def number(low: float = -math.inf, high: float = math.inf, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
     """A finite number in the interval from ``low`` to ``high`` (each end open or closed)."""
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    check = functools.partial(checks.number, low=low, high=high, low_open=low_open, high_open=high_open)
 
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value: Any = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text!r}") from None
-        above = value > low if low_open else value >= low
-        below = value < high if high_open else value <= high
-        if not (math.isfinite(value) and above and below):
-            raise argparse.ArgumentTypeError(f"must lie in {interval}, got {text}")
-        return value
+            value = text  # not a number: the check says what is allowed
+        return _checked(check, value)
 
     return parse
 
@@ -55,8 +67,11 @@ def number_pair(names: str = "LOW,HIGH", ordered: bool = True, minimum: float = 
             first, second = (float(p) for p in parts)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {names} (two numbers), got {text!r}") from None
-        if not all(math.isfinite(v) and v >= minimum for v in (first, second)):
-            raise argparse.ArgumentTypeError(f"{' and '.join(names.split(','))} must be finite and >= {minimum:g}, got {text!r}")
+        try:
+            for value in (first, second):
+                checks.number(names, value, low=minimum)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{' and '.join(names.split(','))} must be finite and >= {minimum:g}, got {text!r}") from None
         if ordered and not first <= second:
             raise argparse.ArgumentTypeError(f"{names} needs the first <= the second, got {text}")
         return first, second

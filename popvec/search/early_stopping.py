@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
+from popvec import checks
 from popvec.selection import Decision, MetricsTable, SelectionPolicy, as_decision, rank
 
 __all__ = ["EarlyStopping", "slope"]
@@ -38,15 +38,6 @@ def slope(points: list[tuple[float, float]]) -> float:
     if sxx == 0:
         return 0.0
     return sum((x - mx) * (y - my) for x, y in points) / sxx
-
-
-def _check_optional(name: str, value: Any, integer: bool) -> None:
-    if value is None:
-        return
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or not value > 0 or (not integer and not math.isfinite(value)):
-        kind = "an integer >= 1" if integer else "a finite number > 0"
-        raise ValueError(f"{name} must be None or {kind}, got {value!r}")
 
 
 @dataclass
@@ -67,12 +58,11 @@ class EarlyStopping:
     _best: dict[int, tuple[float, int, float]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        _check_optional("grad_norm_threshold", self.grad_norm_threshold, integer=False)
-        _check_optional("slope_window", self.slope_window, integer=True)
-        _check_optional("patience", self.patience, integer=True)
-        _check_optional("check_every", self.check_every, integer=True)
-        if not isinstance(self.min_delta, (int, float)) or self.min_delta < 0:
-            raise ValueError(f"min_delta must be a number >= 0, got {self.min_delta!r}")
+        checks.optional_number("grad_norm_threshold", self.grad_norm_threshold, 0.0, low_open=True)
+        checks.optional_integer("slope_window", self.slope_window)
+        checks.optional_integer("patience", self.patience)
+        checks.optional_integer("check_every", self.check_every)
+        checks.number("min_delta", self.min_delta, 0.0)
 
     @property
     def needs_grad_norm(self) -> bool:

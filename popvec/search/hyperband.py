@@ -31,6 +31,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from popvec import checks
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
 from popvec.search.early_stopping import EarlyStopping
@@ -78,12 +79,6 @@ class Bracket:
         return total
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def _alias(name: str, value: Any, alias: str, alias_value: Any, default: Any) -> Any:
     if value is not None and alias_value is not None and value != alias_value:
         raise ValueError(f"{name} and {alias} name the same setting; got {name}={value!r} and {alias}={alias_value!r}")
@@ -109,15 +104,14 @@ def hyperband_brackets(
     min_resource: int | None = None,
 ) -> list[Bracket]:
     """The brackets of Hyperband, most aggressive (``s = s_max``) first; see the module doc."""
-    max_t = _positive_int("max_t", _alias("max_t", max_t, "max_resource", max_resource, None))
-    grace = _positive_int("grace_period", _alias("grace_period", grace_period, "min_resource", min_resource, 1))
-    if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, int) or reduction_factor < 2:
-        raise ValueError(f"reduction_factor must be an integer >= 2, got {reduction_factor!r}")
+    max_t = checks.integer("max_t", _alias("max_t", max_t, "max_resource", max_resource, None))
+    grace = checks.integer("grace_period", _alias("grace_period", grace_period, "min_resource", min_resource, 1))
+    checks.integer("reduction_factor", reduction_factor, minimum=2)
     if grace > max_t:
         raise ValueError(f"grace_period must be <= max_t, got grace_period={grace}, max_t={max_t}")
     eta = reduction_factor
     top = s_max(max_t, grace, eta)
-    count = top + 1 if brackets is None else _positive_int("brackets", brackets)
+    count = top + 1 if brackets is None else checks.integer("brackets", brackets)
     if count > top + 1:
         raise ValueError(f"brackets must be at most s_max + 1 = {top + 1} for max_t={max_t}, grace_period={grace}, reduction_factor={eta}; got {count}")
     out = []
@@ -155,9 +149,8 @@ class HyperbandPolicy:
     _alive: set[int] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
-        _positive_int("unit_steps", self.unit_steps)
+        checks.choice("rule", self.rule, RULES)
+        checks.integer("unit_steps", self.unit_steps)
         self._by_s = {b.s: b for b in self.brackets}
         unknown = set(self.bracket_of.values()) - set(self._by_s)
         if unknown:
@@ -307,10 +300,9 @@ def hyperband(
     """
     console = console or Console()
     table = hyperband_brackets(max_t, grace_period, reduction_factor, brackets, max_resource=max_resource, min_resource=min_resource)
-    _positive_int("unit_steps", unit_steps)
-    _positive_int("batch_size", batch_size)
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+    checks.integer("unit_steps", unit_steps)
+    checks.integer("batch_size", batch_size)
+    checks.choice("rule", rule, RULES)
     total = sum(b.n for b in table)
     bracket_of: dict[int, int] = {}
     blocks: list[tuple[Bracket, list[int]]] = []

@@ -25,6 +25,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from popvec import checks
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
 from popvec.search.early_stopping import EarlyStopping
@@ -58,12 +59,9 @@ class PBT:
     lineage: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if isinstance(self.perturbation_interval, bool) or not isinstance(self.perturbation_interval, int) or self.perturbation_interval < 1:
-            raise ValueError(f"perturbation_interval must be an integer >= 1, got {self.perturbation_interval!r}")
-        if not isinstance(self.quantile_fraction, (int, float)) or not 0 < self.quantile_fraction <= 0.5:
-            raise ValueError(f"quantile_fraction must lie in (0, 0.5], got {self.quantile_fraction!r}")
-        if not isinstance(self.resample_probability, (int, float)) or not 0 <= self.resample_probability <= 1:
-            raise ValueError(f"resample_probability must lie in [0, 1], got {self.resample_probability!r}")
+        checks.integer("perturbation_interval", self.perturbation_interval)
+        checks.number("quantile_fraction", self.quantile_fraction, 0.0, 0.5, low_open=True)
+        checks.unit_interval("resample_probability", self.resample_probability)
         names = list(self.space.names if self.hyperparameters is None else self.hyperparameters)
         unknown = [k for k in names if k not in self.space.params]
         if unknown:
@@ -164,8 +162,7 @@ def pbt(
             raise ValueError(f"num_models and population name the same setting; got {num_models} and {population}")
         num_models = population
     for name, value in (("num_models", num_models), ("steps", steps), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        checks.integer(name, value)
     policy = PBT(perturbation_interval, space, quantile_fraction, resample_probability, metric=metric, descending=descending, seed=seed, final_step=steps)
     wrapped: Any = EarlyStopping(policy, metric=metric, descending=descending, **early_stopping) if early_stopping else policy
     values = space.sample(num_models, seed)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from popvec import optim
+from popvec import checks, optim
 from popvec.losses import LOSS_HPARAMS
 from popvec.population import Population
 
@@ -51,12 +51,6 @@ OPTIMIZERS = optim.OPTIMIZERS
 OPTIMIZER_HPARAMS = optim.OPTIMIZER_HPARAMS
 
 
-def _number(where: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where} must be a finite number, got {value!r}")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class LogUniform:
     """``exp(U(log low, log high))``, ``0 < low <= high``; continuous (PBT perturbs it)."""
@@ -66,7 +60,7 @@ class LogUniform:
     continuous = True
 
     def check(self, name: str) -> None:
-        low, high = _number(f"{name}.low", self.low), _number(f"{name}.high", self.high)
+        low, high = checks.number(f"{name}.low", self.low), checks.number(f"{name}.high", self.high)
         if not 0 < low <= high:
             raise ValueError(f"{name}: loguniform needs 0 < low <= high, got low={low}, high={high}")
 
@@ -87,7 +81,7 @@ class Uniform:
     continuous = True
 
     def check(self, name: str) -> None:
-        low, high = _number(f"{name}.low", self.low), _number(f"{name}.high", self.high)
+        low, high = checks.number(f"{name}.low", self.low), checks.number(f"{name}.high", self.high)
         if not low <= high:
             raise ValueError(f"{name}: uniform needs low <= high, got low={low}, high={high}")
 
@@ -112,7 +106,7 @@ class Choice:
         if not isinstance(self.values, tuple) or not self.values:
             raise ValueError(f"{name}: choice needs a non-empty list of values, got {self.values!r}")
         for i, v in enumerate(self.values):
-            _number(f"{name}.values[{i}]", v)
+            checks.number(f"{name}.values[{i}]", v)
 
     def draw(self, rng: np.random.Generator, n: int) -> list[float]:
         return [float(self.values[i]) for i in rng.integers(0, len(self.values), n)]
@@ -154,8 +148,7 @@ class SearchSpace:
 
     def sample(self, n: int, seed: int = 0) -> dict[str, list[float]]:
         """``n`` values per hyperparameter (Python floats, within the declared bounds)."""
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        checks.integer("n", n)
         return {name: dist.draw(self._rng(seed, name), n) for name, dist in self.params.items()}
 
     def sample_tensors(self, n: int, seed: int = 0, device: torch.device | str | None = None) -> dict[str, Tensor]:
@@ -185,9 +178,9 @@ class SearchSpace:
         for name, entry in spec.items():
             key = f"{where}.{name}"
             if isinstance(entry, (int, float)) and not isinstance(entry, bool):
-                params[name] = Choice([_number(key, entry)])
+                params[name] = Choice([checks.number(key, entry)])
             elif isinstance(entry, list):
-                params[name] = Choice([_number(f"{key}[{i}]", v) for i, v in enumerate(entry)])
+                params[name] = Choice([checks.number(f"{key}[{i}]", v) for i, v in enumerate(entry)])
             elif isinstance(entry, Mapping):
                 kind = entry.get("distribution", entry.get("type"))
                 if kind is None and "values" in entry:
@@ -202,12 +195,12 @@ class SearchSpace:
                     values = entry.get("values")
                     if not isinstance(values, list) or not values:
                         raise ValueError(f"{key}.values must be a non-empty list, got {values!r}")
-                    params[name] = Choice([_number(f"{key}.values[{i}]", v) for i, v in enumerate(values)])
+                    params[name] = Choice([checks.number(f"{key}.values[{i}]", v) for i, v in enumerate(values)])
                 else:
                     for bound in ("low", "high"):
                         if bound not in entry:
                             raise ValueError(f"{key}.{bound} is missing")
-                    params[name] = _KINDS[kind](_number(f"{key}.low", entry["low"]), _number(f"{key}.high", entry["high"]))
+                    params[name] = _KINDS[kind](checks.number(f"{key}.low", entry["low"]), checks.number(f"{key}.high", entry["high"]))
             else:
                 raise ValueError(f"{key} must be a table, a number or a list of numbers, got {entry!r}")
         try:
@@ -279,14 +272,13 @@ def build_optimizer(
     Names the optimizer does not take and that are not loss hyperparameters are refused, naming
     the hyperparameter and what ``kind`` accepts.
     """
-    if kind not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
+    checks.choice("optimizer", kind, OPTIMIZERS)
     known = OPTIMIZER_HPARAMS[kind]
     loss = {}
     kwargs: dict[str, Any] = {}
     for name, v in values.items():
         if name in LOSS_HPARAMS:
-            loss[name] = optim.as_member_values(name, v, population.n, population.device)
+            loss[name] = checks.member_values(name, v, population.n, population.device)
         elif name in known:
             kwargs[name] = v
         else:

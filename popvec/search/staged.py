@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from popvec import checks
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
 from popvec.search.early_stopping import EarlyStopping
@@ -45,12 +46,9 @@ class Stage:
 
     def __post_init__(self) -> None:
         where = f"stage {self.name!r}"
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"{where}: steps must be an integer >= 1, got {self.steps!r}")
+        checks.integer(f"{where}: steps", self.steps)
         for key in ("data_fraction", "survival_rate"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise ValueError(f"{where}: {key} must lie in (0, 1], got {value!r}")
+            checks.unit_interval(f"{where}: {key}", getattr(self, key), low_open=True)
 
     def survivors(self, n: int) -> int:
         return max(1, math.floor(n * self.survival_rate + 1e-9))
@@ -97,8 +95,7 @@ def load_stages(path: str | Path) -> list[Stage]:
 
 def data_subset(split: TensorSplit, fraction: float, seed: int = 0) -> TensorSplit:
     """The fixed seeded ``fraction`` of ``split`` (at least one sample); nested across fractions."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"data_fraction must lie in (0, 1], got {fraction!r}")
+    checks.unit_interval("data_fraction", fraction, low_open=True)
     if fraction == 1:
         return split
     m = len(split)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from popvec import checks
 from popvec.engine import accumulate_metrics
 from popvec.loaders import iterate_batches
 from popvec.population import IndexLike, Population, as_index
@@ -66,8 +67,7 @@ def _as_population(population: Members) -> Population:
 
 
 def _check_method(method: str) -> None:
-    if method not in COMBINE_METHODS:
-        raise ValueError(f"method must be one of {', '.join(COMBINE_METHODS)}; got {method!r}")
+    checks.choice("method", method, COMBINE_METHODS)
 
 
 def _subset_index(population: Population, members: IndexLike | None) -> Tensor | None:
@@ -216,8 +216,7 @@ FUSIONS: tuple[str, ...] = ("mean", "concat", "product")
 
 def make_fusion(name: str, num_members: int, in_features: int, num_classes: int, hidden: int = 128) -> nn.Module:
     """A fusion head by name: ``mean`` (plain mean when ``in_features == num_classes``), ``concat``, ``product``."""
-    if name not in FUSIONS:
-        raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}; got {name!r}")
+    checks.choice("fusion", name, FUSIONS)
     if name == "mean":
         return MeanFusion() if in_features == num_classes else MeanFusion(in_features, num_classes)
     if name == "concat":
@@ -299,15 +298,11 @@ class JointTrainer:
         if getattr(member_optimizer, "population", None) is not population:
             raise ValueError("member_optimizer must be built on the population being trained")
         for name, value in (("member_weight", member_weight), ("distill_weight", distill_weight)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-            raise ValueError(f"temperature must be > 0; got {temperature!r}")
-        if not isinstance(accumulation_steps, int) or isinstance(accumulation_steps, bool) or accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps must be an integer >= 1; got {accumulation_steps!r}")
+            checks.number(name, value, 0.0)
+        checks.number("temperature", temperature, 0.0, low_open=True)
+        checks.integer("accumulation_steps", accumulation_steps)
         for name, value in (("member_max_grad_norm", member_max_grad_norm), ("head_max_grad_norm", head_max_grad_norm)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be None or > 0; got {value!r}")
+            checks.optional_number(name, value, 0.0, low_open=True, allow_inf=True)
         head_params = [p for p in fusion.parameters() if p.requires_grad]
         if head_params and head_optimizer is None:
             raise ValueError("head_optimizer is required: the fusion head has trainable parameters")

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from popvec import optim
+from popvec import checks, optim
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
 from popvec.engine import TrainStep, evaluate
@@ -68,12 +68,9 @@ class Arm:
     sigma: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ARM_KINDS:
-            raise ValueError(f"kind must be one of {', '.join(ARM_KINDS)}; got {self.kind!r}")
+        checks.choice("kind", self.kind, ARM_KINDS)
         for name in ("lam", "sigma"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+            checks.number(name, getattr(self, name), 0.0)
 
     @classmethod
     def shrink_perturb(cls, lam: float, sigma: float) -> Arm:
@@ -99,21 +96,16 @@ def phase_sizes(
     chunks: int = 10,
 ) -> list[int]:
     """Training-set size of each phase: two-phase ``[fraction * M, M]``, online ``[c, 2c, ..., M]``."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
-    if not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"num_samples must be an integer >= 2; got {num_samples!r}")
+    checks.choice("protocol", protocol, PROTOCOLS)
+    checks.integer("num_samples", num_samples, minimum=2)
     if protocol == "two-phase":
-        if not 0 < fraction < 1:
-            raise ValueError(f"fraction must lie in (0, 1); got {fraction!r}")
+        checks.unit_interval("fraction", fraction, low_open=True, high_open=True)
         first = min(num_samples - 1, max(1, round(fraction * num_samples)))
         return [first, num_samples]
     if chunk_size is None:
-        if not isinstance(chunks, int) or isinstance(chunks, bool) or not 2 <= chunks <= num_samples:
-            raise ValueError(f"chunks must be an integer in [2, {num_samples}]; got {chunks!r}")
+        checks.integer("chunks", chunks, 2, num_samples)
         chunk_size = math.ceil(num_samples / chunks)
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or not 1 <= chunk_size < num_samples:
-        raise ValueError(f"chunk_size must be an integer in [1, {num_samples - 1}]; got {chunk_size!r}")
+    checks.integer("chunk_size", chunk_size, 1, num_samples - 1)
     sizes = list(range(chunk_size, num_samples, chunk_size))
     return [*sizes, num_samples]
 
@@ -206,23 +198,11 @@ def _std(values: Sequence[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
-def _check_unit(name: str, value: float, low_open: bool = True) -> None:
-    ok = (0 < value <= 1) if low_open else (0 <= value <= 1)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
-        raise ValueError(f"{name} must lie in (0, 1]; got {value!r}")
-
-
-def _check_int(name: str, value: Any, low: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
-
-
 def build_optimizer(
     population: Population, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
 ) -> optim.PopulationOptimizer:
     """The study's optimizer. ``max_grad_norm=inf`` clips nothing but returns each member's gradient norm."""
-    if name not in OPTIMIZER_NAMES:
-        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}; got {name!r}")
+    checks.choice("optimizer", name, OPTIMIZER_NAMES)
     extra = {"momentum": momentum} if name == "sgd" else {}
     return optim.make(name, population, lr=lr, weight_decay=weight_decay, max_grad_norm=math.inf, **extra)
 
@@ -278,11 +258,9 @@ def run_study(
         raise ValueError("arms must hold at least one Arm")
     if len({a.name for a in arms}) != len(arms):
         raise ValueError(f"arms must have distinct names; got {[a.name for a in arms]}")
-    _check_int("replicates", replicates)
-    _check_int("batch_size", batch_size)
-    _check_int("max_steps", max_steps)
-    _check_int("check_every", check_every)
-    _check_unit("threshold", threshold)
+    for name, value in (("replicates", replicates), ("batch_size", batch_size), ("max_steps", max_steps), ("check_every", check_every)):
+        checks.integer(name, value)
+    checks.unit_interval("threshold", threshold, low_open=True)
     if not isinstance(train, TensorSplit) or not isinstance(test, TensorSplit):
         raise TypeError("train and test must be TensorSplit instances (popvec.data.load_dataset(...).train)")
     sizes = phase_sizes(protocol, len(train), fraction, chunk_size, chunks)
