@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
+from popvec import checks
 from popvec.optim import Optimizer, grad_norm
 from popvec.population import Population, as_mask, check_batch
 
@@ -85,8 +86,7 @@ class TrainStep:
         cuda_graph: bool | None = None,
         member_chunk_size: int | None = None,
     ) -> None:
-        if member_chunk_size is not None and (not isinstance(member_chunk_size, int) or member_chunk_size < 1):
-            raise ValueError(f"member_chunk_size must be None or an integer >= 1, got {member_chunk_size!r}")
+        checks.optional_integer("member_chunk_size", member_chunk_size, 1)
         self.population = population
         self.member_chunk_size = member_chunk_size
         self.optimizer = optimizer

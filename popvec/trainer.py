@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
 
-from popvec import optim
+from popvec import checks, optim
 from popvec.callbacks import Callback, ConsoleReporter
 from popvec.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from popvec.engine import LossFn, TrainStep, evaluate
@@ -159,10 +159,8 @@ class PopulationTrainer:
         ends early when a decision leaves no member active. A trainer restored with
         :meth:`load_checkpoint` continues exactly where the checkpoint was taken.
         """
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1):
-            raise ValueError(f"checkpoint_every must be None or an integer >= 1, got {checkpoint_every!r}")
+        checks.integer("steps", steps, 0)
+        checks.optional_integer("checkpoint_every", checkpoint_every, 1)
         source = as_source(train_data, self.population.device)
         self.state.attach_source(source)
         self._attach_policy(policy)
@@ -350,11 +348,6 @@ def _stateful(callbacks: Sequence[Callback]) -> dict[str, Callback]:
     return {f"{i}:{type(cb).__name__}": cb for i, cb in enumerate(callbacks) if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")}
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 class MultipleInitializationsTrainer:
     """Progressive elimination of ``num_models`` random initializations, trained in one stack.
 
@@ -379,8 +372,8 @@ class MultipleInitializationsTrainer:
         progress: bool = True,
         member_chunk_size: int | None = None,
     ) -> None:
-        _check_positive_int("num_models", num_models)
-        _check_positive_int("num_elim_steps", num_elim_steps)
+        checks.integer("num_models", num_models)
+        checks.integer("num_elim_steps", num_elim_steps)
         check_reduce_factor(reduce_factor)
         for name, fn in (("model_fn", model_fn), ("optimizer_fn", optimizer_fn)):
             if not callable(fn):
@@ -439,7 +432,7 @@ class MultipleInitializationsTrainer:
         continues from it and ends with the same winner and weights as an uninterrupted run.
         ``on_round`` is called with each round's record, after selection and the checkpoint.
         """
-        _check_positive_int("num_epochs", num_epochs)
+        checks.integer("num_epochs", num_epochs)
         steps = num_epochs * as_source(train_loader, self.device).steps_per_epoch
         trainer = self.build(criterion)
         checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None

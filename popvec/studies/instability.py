@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from popvec import optim
+from popvec import checks, optim
 from popvec.callbacks import Callback
 from popvec.checkpoint import save_checkpoint
 from popvec.data import TensorSplit
@@ -75,17 +75,12 @@ class InstabilityResult:
 
 
 def _check_k1(k1_values: Sequence[int]) -> list[int]:
-    values = list(k1_values)
-    if not values or any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in values):
+    values = checks.integers("k1_values", k1_values).tolist()
+    if not values or min(values) < 0:
         raise ValueError(f"k1_values must be a non-empty sequence of integers >= 0, got {k1_values!r}")
     if len(set(values)) != len(values):
         raise ValueError(f"k1_values must not repeat, got {values}")
     return sorted(values)
-
-
-def _check_count(name: str, value: Any, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def _stack_states(states: list[Any]) -> Any:
@@ -200,9 +195,9 @@ def instability(
     none yet) and ends with the same branches, bit for bit on the CPU, as an uninterrupted run.
     """
     k1 = _check_k1(k1_values)
-    _check_count("k2", k2, 0)
-    _check_count("copies", copies, 2)
-    _check_count("checkpoint_every", checkpoint_every, 1)
+    checks.integer("k2", k2, 0)
+    checks.integer("copies", copies, 2)
+    checks.integer("checkpoint_every", checkpoint_every, 1)
     seeds = [seed + 1 + c for c in range(copies)] if copy_seeds is None else list(copy_seeds)
     if len(seeds) != copies:
         raise ValueError(f"copy_seeds must have one seed per copy ({copies}), got {len(seeds)}")

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from popvec import checks
 from popvec.engine import LossFn, evaluate
 from popvec.loaders import iterate_batches
 from popvec.population import Population
@@ -223,8 +224,7 @@ def pair_barriers(
     Pairs are evaluated ``pair_chunk_size`` at a time, each chunk one population of pairs x alphas
     (``alphas`` ``[K]``; both ends are added where missing).
     """
-    if not isinstance(pair_chunk_size, int) or isinstance(pair_chunk_size, bool) or pair_chunk_size < 1:
-        raise ValueError(f"pair_chunk_size must be an integer >= 1, got {pair_chunk_size!r}")
+    checks.integer("pair_chunk_size", pair_chunk_size, 1)
     full = alpha_grid(alphas)[0]
     rows = []
     for i, j in zip(first.split(pair_chunk_size), second.split(pair_chunk_size)):
