@@ -1,0 +1,252 @@
+"""What every ``popvec`` command shares, written once.
+
+The one-line usage errors (exit 2), the device, the dataset and model of a config, the optimizer
+from the registry, the run folder (``runs/<command>-<YYYYmmdd-HHMMSS>`` unless ``--out``, with
+its ``config.json``), ``--resume`` (the saved config back, only ``--device``/``--no-progress``
+may change), and registering a command whose flags come from its config class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import inspect
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, Protocol
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from popvec import optim
+from popvec.cli.config import DataFlags
+from popvec.cli.flags import (
+    ConfigError,
+    add_flags,
+    from_args,
+    from_json,
+    option,
+    spec_of,
+    to_json,
+)
+from popvec.data import DatasetSplits, load_dataset
+from popvec.models import model_factory, required_image_size
+from popvec.search.plots import MissingMatplotlib
+
+__all__ = [
+    "CONFIG_NAME", "Command", "Parser", "UsageError", "add_command", "check_batch_size", "config_for", "device_of", "interrupted_line",
+    "load_data", "one_line", "optimizer_factory", "refuse_existing_run", "resolve_device", "run_dir_kwargs", "run_folder",
+    "save_plots", "with_run_folder",
+]
+
+CONFIG_NAME = "config.json"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class UsageError(Exception):
+    """A setting the run cannot use; the command prints it as one line and exits 2."""
+
+
+def one_line(err: BaseException | str) -> str:
+    return " ".join(str(err).split())
+
+
+# --------------------------------------------------------------------------- device, data, optimizer
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is cuda when present, else cpu; a cuda device without CUDA is refused (``ValueError``)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device: {one_line(err)}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def device_of(config: Any) -> torch.device:
+    try:
+        return resolve_device(config.device)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def load_data(config: DataFlags, device: torch.device) -> tuple[DatasetSplits, Callable[[], nn.Module]]:
+    """The config's dataset (on ``device``) and a factory of its model for that data."""
+    try:
+        data = load_dataset(config.dataset, config.data_dir, config.download, image_size=required_image_size(config.model))
+    except FileNotFoundError as err:
+        raise UsageError(one_line(err)) from None
+    data = data.to(device)
+    return data, model_factory(config.model, data.input_shape, data.num_classes)
+
+
+def check_batch_size(batch_size: int, data: DatasetSplits) -> None:
+    if batch_size > len(data.train):
+        raise UsageError(f"argument --batch-size: must be <= {len(data.train)} (the training set), got {batch_size}")
+
+
+def optimizer_factory(name: str, lr: float, momentum: float) -> Callable[[Any], optim.PopulationOptimizer]:
+    """Registered optimizer ``name`` as a factory of one population (momentum applies to sgd only).
+
+    A ``partial`` of the registry's class: ``optim.build`` (the trainers') calls those with the population.
+    """
+    registered: Callable[..., optim.PopulationOptimizer] = optim.OPTIMIZERS[name]
+    if name == "sgd":
+        return functools.partial(registered, lr=lr, momentum=momentum)
+    return functools.partial(registered, lr=lr)
+
+
+# --------------------------------------------------------------------------- run folders
+def with_run_folder(config: Any) -> Any:
+    """``config`` with ``out`` filled in: ``runs/<command>-<YYYYmmdd-HHMMSS>`` unless given."""
+    if config.out is not None:
+        return config
+    return dataclasses.replace(config, out=str(Path("runs") / f"{config.COMMAND}-{time.strftime('%Y%m%d-%H%M%S')}"))
+
+
+def refuse_existing_run(config: Any) -> None:
+    """A new run may not go to a folder that already holds one (its ``config.json``)."""
+    folder = Path(config.out)
+    if (folder / CONFIG_NAME).exists():
+        hint = f"resume it with --resume {folder} or choose" if config.RESUMABLE else "choose"
+        raise UsageError(f"--out: {folder} already holds a run; {hint} another folder")
+
+
+@contextlib.contextmanager
+def run_folder(config: Any, resume: bool = False) -> Iterator[Path]:
+    """The run folder of ``config``; a new run writes ``config.json`` there first.
+
+    A folder that already holds a run (a ``config.json``) is refused. If the run then stops on a
+    :class:`UsageError` before writing anything else, the folder is left as it was found.
+    """
+    config = with_run_folder(config)
+    folder = Path(config.out)
+    record = folder / CONFIG_NAME
+    if resume:
+        yield folder
+        return
+    refuse_existing_run(config)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    to_json(config, record)
+    try:
+        yield folder
+    except UsageError:
+        if [p.name for p in folder.iterdir()] == [CONFIG_NAME]:
+            record.unlink()
+            if created:
+                folder.rmdir()
+        raise
+
+
+def run_dir_kwargs(fn: Callable[..., Any], folder: Path, resume: bool, console: Console) -> dict[str, Any]:
+    """``run_dir=folder, resume=resume`` for library function ``fn``, those of the two it takes.
+
+    The commands then run on library versions with and without checkpointing; asked to resume
+    where ``fn`` cannot, the run starts over (and says so).
+    """
+    params = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {}
+    if "run_dir" in params:
+        kwargs["run_dir"] = folder
+    if "resume" in params:
+        kwargs["resume"] = resume
+    elif resume:
+        console.print(f"{fn.__name__}() cannot resume a run: starting over in {folder} from its {CONFIG_NAME}")
+    return kwargs
+
+
+def save_plots(console: Console, jobs: Iterable[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
+    """Call each ``plot(*args)`` and print the path; without matplotlib say so once and stop."""
+    for plot, args in jobs:
+        try:
+            console.print(f"Plot: {plot(*args)}")
+        except (ImportError, MissingMatplotlib) as err:
+            console.print(f"No plot written ({one_line(err)})")
+            return
+
+
+# --------------------------------------------------------------------------- commands and --resume
+class Runner(Protocol):
+    def __call__(self, config: Any, console: Console, resume: bool = False) -> int: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One ``popvec`` subcommand: its config class, its runner and its parser (for error lines)."""
+
+    config: type
+    run: Runner
+    parser: argparse.ArgumentParser
+
+    @property
+    def name(self) -> str:
+        return self.config.COMMAND  # type: ignore[attr-defined, no-any-return]
+
+
+def add_command(commands: Any, config_cls: type, run: Runner, help: str) -> Command:
+    """Add subcommand ``config_cls.COMMAND``: a flag per config field, plus ``--resume`` when it trains."""
+    parser = commands.add_parser(config_cls.COMMAND, help=help, description=help)  # type: ignore[attr-defined]
+    groups = add_flags(parser, config_cls)
+    if config_cls.RESUMABLE:  # type: ignore[attr-defined]
+        groups.get("run folder", parser).add_argument(
+            "--resume", metavar="RUN_DIR", default=None, help=f"continue the run in RUN_DIR with its {CONFIG_NAME}"
+        )
+    command = Command(config_cls, run, parser)
+    parser.set_defaults(popvec_command=command)
+    return command
+
+
+def config_for(command: Command, args: argparse.Namespace, argv: Sequence[str]) -> tuple[Any, bool]:
+    """The config to run and whether it resumes: from the flags, or from ``--resume RUN_DIR``'s config.json.
+
+    ``argv``: the command's own arguments (after its name), to see which flags were typed.
+    """
+    if getattr(args, "resume", None) is None:
+        config = with_run_folder(from_args(command.config, args))
+        refuse_existing_run(config)  # before any data is loaded
+        return config, False
+    folder = Path(args.resume)
+    if not (folder / CONFIG_NAME).is_file():
+        raise UsageError(f"--resume: {folder} holds no {CONFIG_NAME} to resume from")
+    try:
+        saved: Any = from_json(command.config, folder / CONFIG_NAME)
+    except ConfigError as err:
+        raise UsageError(f"--resume: {err}") from None
+    may_change = [f.name for f in dataclasses.fields(command.config) if spec_of(f).resume_may_change]
+    typed = _typed_flags(command.config, argv)
+    for name in typed:
+        if name not in may_change:
+            raise UsageError(
+                f"{option(name)}: cannot be given with --resume (the run's settings are in {folder / CONFIG_NAME}); "
+                f"only {' and '.join(map(option, may_change))} may change"
+            )
+    return dataclasses.replace(saved, out=str(folder), **{name: getattr(args, name) for name in typed}), True
+
+
+def _typed_flags(config_cls: type, argv: Sequence[str]) -> list[str]:
+    """The config fields whose flags appear in ``argv``, in the order typed (parsed without defaults)."""
+    probe = Parser(add_help=False)
+    add_flags(probe, config_cls, suppress_defaults=True)
+    probe.add_argument("--resume")
+    return [name for name in vars(probe.parse_args(list(argv))) if name != "resume"]
+
+
+def interrupted_line(command: Command, config: Any | None) -> str:
+    """What to print on Ctrl-C: how to continue, when the run folder can be resumed."""
+    folder = Path(config.out) if config is not None and config.out is not None else None
+    if command.config.RESUMABLE and folder is not None and (folder / CONFIG_NAME).is_file():  # type: ignore[attr-defined]
+        return f"Interrupted. Continue with: popvec {command.name} --resume {folder}"
+    return "Interrupted."
