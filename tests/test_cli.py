@@ -137,7 +137,7 @@ def test_no_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 def test_out_folder_with_a_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     out.mkdir()
-    (out / CHECKPOINT_NAME).write_bytes(b"")
+    (out / "config.json").write_text("{}")
     with pytest.raises(SystemExit) as exc:
         cli.main(["train", *TWO_ROUNDS, "--out", str(out)])
     assert exc.value.code == 2

@@ -435,10 +435,10 @@ def test_cli_lmc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = capsys.readouterr().out
     assert "loss barrier" in text and "error barrier" in text
     curve = json.loads((out / "lmc.json").read_text())
-    assert len(curve["loss"]) == 5 and curve["split"] == "test"
+    assert len(curve["loss"]) == 5 and curve["config"]["split"] == "test"
     save_mlp(tmp_path / "c.pt", 2, hidden=(32,))
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["lmc", str(tmp_path / "a.pt"), str(tmp_path / "c.pt"), "--model", "mlp", "--out", str(out)])
+        cli.main(["lmc", str(tmp_path / "a.pt"), str(tmp_path / "c.pt"), "--model", "mlp", "--out", str(tmp_path / "lmc2")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
 

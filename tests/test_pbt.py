@@ -135,7 +135,7 @@ def test_pbt_run_records_lineage_and_is_seeded(digits, single_thread) -> None:
 
 def test_cli_pbt_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    code = cli.main(["pbt", "--population", "4", "--perturbation-interval", "5", "--steps", "15", "--batch-size", "32",
+    code = cli.main(["pbt", "--num-models", "4", "--perturbation-interval", "5", "--steps", "15", "--batch-size", "32",
                      "--lr-range", "1e-3,1e-1", "--out", str(out), "--device", "cpu", "--grad-norm-threshold", "1e6"])
     assert code == 0
     text = capsys.readouterr().out
@@ -150,6 +150,7 @@ def test_cli_pbt_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     ("argv", "match"),
     [
         (["--population", "0"], "argument --population: must be an integer >= 1"),
+        (["--num-models", "0"], "argument --num-models: must be an integer >= 1"),
         (["--quantile-fraction", "0.75"], "argument --quantile-fraction: must lie in (0, 0.5]"),
         (["--resample-probability", "2"], "argument --resample-probability: must lie in [0, 1]"),
         (["--steps", "x"], "argument --steps: must be an integer >= 1"),

@@ -20,6 +20,7 @@ from typing import Any, NoReturn, Protocol
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch import nn
 
 from popvec import optim
@@ -35,7 +36,7 @@ from popvec.cli.flags import (
 )
 from popvec.data import DatasetSplits, load_dataset
 from popvec.models import model_factory, required_image_size
-from popvec.search.plots import MissingMatplotlib
+from popvec.plots import MissingMatplotlib
 
 __all__ = [
     "CONFIG_NAME", "Command", "Parser", "UsageError", "add_command", "check_batch_size", "config_for", "device_of", "interrupted_line",
@@ -173,8 +174,8 @@ def save_plots(console: Console, jobs: Iterable[tuple[Callable[..., Any], tuple[
     for plot, args in jobs:
         try:
             console.print(f"Plot: {plot(*args)}")
-        except (ImportError, MissingMatplotlib) as err:
-            console.print(f"No plot written ({one_line(err)})")
+        except MissingMatplotlib as err:
+            console.print(escape(f"No plot written ({one_line(err)})"))
             return
 
 

@@ -1,117 +1,63 @@
-"""``popvec lmc`` and ``popvec instability``: linear mode connectivity from the command line.
+"""``popvec lmc A.pt B.pt``: loss and error along the straight line between two saved networks.
 
-``popvec lmc A.pt B.pt`` evaluates the straight line between two saved ``state_dict``s (e.g. the
-``winner.pt`` of two ``popvec train`` runs); ``popvec instability`` runs the spawning analysis of
-Frankle et al. (2020) on a built-in or torchvision dataset. Both write JSON and (with matplotlib)
-a PNG to ``--out``.
+A and B are ``state_dict``s (e.g. the ``winner.pt`` of two ``popvec train`` runs). Prints the
+curve and the barriers; writes config.json, lmc.json and (with matplotlib) lmc.png to the run
+folder. :class:`CurveFlags` (split, alphas, BatchNorm statistics) are shared with ``instability``.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
-from torch import Tensor, nn
+from torch import nn
 
-from popvec import optim
-from popvec.studies import lmc
+from popvec.cli import common
 from popvec.cli.argtypes import integer
-from popvec.cli import resolve_device
-from popvec.data import DATASET_NAMES, DatasetSplits, load_dataset
-from popvec.models import MODEL_NAMES, build_model, model_factory, required_image_size
-from popvec.population import Population
-from popvec.report import leaderboard_table, make_progress, write_json
+from popvec.cli.config import DataFlags, DeviceFlags, OptimizerFlags, OutFlags, config
+from popvec.cli.flags import as_dict, flag, override
+from popvec.data import DatasetSplits
+from popvec.models import build_model
+from popvec.report import write_json
+from popvec.studies import lmc
 
-__all__ = ["register"]
-
-SPLITS = ("test", "train", "val")
-OPTIMIZERS = ("sgd", "adam")
+__all__ = ["CurveFlags", "LMCConfig", "register", "run"]
 
 
-def _k1_list(text: str) -> list[int]:
-    """``"0,10,50"`` -> ``[0, 10, 50]``: distinct integers >= 0."""
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 0, e.g. 0,10,50; got {text!r}") from None
-    if min(values) < 0 or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"must be distinct integers >= 0, got {text!r}")
-    return sorted(values)
+@config
+class CurveFlags:
+    TITLE: ClassVar[str] = "interpolation"
+    split: str = flag("test", "split the curve is measured on", choices=("test", "train", "val"))
+    alphas: int = flag(25, "equally spaced alphas in [0, 1], both ends", parse=integer(2))
+    bn: lmc.BNMode = flag("auto", "BatchNorm statistics: recompute on train (auto) or keep", choices=lmc.BN_MODES)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", choices=DATASET_NAMES, default="digits", help="digits is built in (offline)")
-    parser.add_argument("--model", choices=MODEL_NAMES, default="lenet5")
-    parser.add_argument("--split", choices=SPLITS, default="test", help="split the curve is measured on")
-    parser.add_argument("--alphas", type=integer(2), default=25, help="equally spaced alphas in [0, 1], both ends")
-    parser.add_argument("--bn", choices=lmc.BN_MODES, default="auto", help="BatchNorm statistics: recompute on train (auto) or keep")
-    parser.add_argument("--data-dir", default="./data", help="where torchvision datasets live")
-    parser.add_argument("--download", action="store_true", help="download a torchvision dataset if missing")
-    parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
-    parser.add_argument("--out", default=None, help="output folder (default: runs/<command>-<timestamp>)")
+@config
+class LMCConfig(CurveFlags, DataFlags, DeviceFlags, OutFlags):
+    """``popvec lmc``: the two networks, where the curve is measured, and how finely."""
+
+    COMMAND: ClassVar[str] = "lmc"
+    RESUMABLE: ClassVar[bool] = False
+    a: str = flag(help="state_dict of the network at alpha 0 (e.g. a winner.pt)", metavar="A.pt")
+    b: str = flag(help="state_dict of the network at alpha 1", metavar="B.pt")
+    batch_size: int = override(OptimizerFlags, "batch_size", default=1024, help="evaluation batch size")
+    # LeNet-5: the model of the documented LMC results.
+    model: str = override(DataFlags, "model", default="lenet5")
 
 
 def register(commands: Any) -> None:
-    """Add the ``lmc`` and ``instability`` subcommands to ``popvec``."""
-    curve = commands.add_parser("lmc", help="loss and error along the line between two saved networks")
-    curve.add_argument("a", metavar="A.pt", help="state_dict of the network at alpha 0 (e.g. a winner.pt)")
-    curve.add_argument("b", metavar="B.pt", help="state_dict of the network at alpha 1")
-    _add_common(curve)
-    curve.add_argument("--batch-size", type=integer(1), default=1024, help="evaluation batch size")
-    curve.set_defaults(run=_lmc_command)
-
-    spawn = commands.add_parser("instability", help="barrier between copies spawned at step k1 (Frankle et al. 2020)")
-    _add_common(spawn)
-    spawn.add_argument("--k1", type=_k1_list, default=[0, 10, 50, 100, 500], help="spawn steps, e.g. 0,10,50,100,500")
-    spawn.add_argument("--k2", type=integer(1), default=500, help="steps every copy trains after spawning")
-    spawn.add_argument("--copies", type=integer(2), default=2, help="copies spawned at each k1")
-    spawn.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sgd (momentum 0.9) or adam")
-    spawn.add_argument("--lr", type=float, default=0.05)
-    spawn.add_argument("--batch-size", type=integer(1), default=64, help="training batch size")
-    spawn.add_argument("--seed", type=int, default=0, help="trunk init and order; copy c draws its order from seed + 1 + c")
-    spawn.add_argument("--no-progress", action="store_true", help="no live progress bar")
-    spawn.set_defaults(run=_instability_command)
+    common.add_command(commands, LMCConfig, run, "loss and error along the line between two saved networks")
 
 
-# --------------------------------------------------------------------------- shared steps
-def _prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[torch.device, DatasetSplits, Path]:
-    """Device, dataset (on the device) and output folder, or a one-line usage error."""
-    try:
-        device = resolve_device(args.device)
-        data = load_dataset(args.dataset, args.data_dir, args.download, image_size=required_image_size(args.model))
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
-    out = Path(args.out or Path("runs") / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
-    return device, data.to(device), out
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
-
-
-def _write_plot(result: Any, path: Path, console: Console) -> None:
-    try:
-        console.print(f"Plot: {result.plot(path)}")
-    except ImportError as err:
-        console.print(escape(f"No plot written ({err})"))
-
-
-# --------------------------------------------------------------------------- popvec lmc
-def _load_model(path: str, args: argparse.Namespace, data: DatasetSplits, device: torch.device, parser: argparse.ArgumentParser) -> nn.Module:
-    model = build_model(args.model, data.input_shape, data.num_classes)
+def _load_model(path: str, config: LMCConfig, data: DatasetSplits, device: torch.device) -> nn.Module:
+    model = build_model(config.model, data.input_shape, data.num_classes)
     try:
         state = torch.load(path, map_location=device, weights_only=True)
         model.load_state_dict(state)
     except (OSError, RuntimeError, AttributeError, TypeError) as err:
-        parser.error(f"{path} is not a --model {args.model} state_dict for {args.dataset}: {_one_line(err)}")
+        raise common.UsageError(f"{path} is not a --model {config.model} state_dict for {config.dataset}: {common.one_line(err)}") from None
     return model.to(device)
 
 
@@ -124,64 +70,20 @@ def _curve_table(result: lmc.InterpolationResult, title: str) -> Table:
     return table
 
 
-def _lmc_command(args: argparse.Namespace, parser: argparse.ArgumentParser, console: Console) -> int:
-    device, data, out = _prepare(args, parser)
-    a, b = (_load_model(path, args, data, device, parser) for path in (args.a, args.b))
-    split = getattr(data, args.split)
-    result = lmc.interpolate(a, b, split, args.alphas, bn=args.bn, bn_data=data.train, batch_size=args.batch_size)
-    console.print(_curve_table(result, f"{args.a} -> {args.b} ({args.model} on {data.name} {args.split}, {len(split)} samples)"))
+def run(config: LMCConfig, console: Console, resume: bool = False) -> int:
+    """Measure the curve between ``config.a`` and ``config.b``; ``resume`` does not apply (nothing trains)."""
+    device = common.device_of(config)
+    data, _ = common.load_data(config, device)
+    a, b = (_load_model(path, config, data, device) for path in (config.a, config.b))
+    with common.run_folder(config) as out:
+        split = getattr(data, config.split)
+        result = lmc.interpolate(a, b, split, config.alphas, bn=config.bn, bn_data=data.train, batch_size=config.batch_size)
+    console.print(_curve_table(result, f"{config.a} -> {config.b} ({config.model} on {data.name} {config.split}, {len(split)} samples)"))
     console.print(
         f"loss barrier {result.loss_barrier:.4f}, error barrier {100 * result.error_barrier:.2f}%, "
         f"L2 distance {result.l2:.3f} (BatchNorm statistics: {result.bn})"
     )
-    config = {"a": args.a, "b": args.b, "model": args.model, "dataset": data.name, "split": args.split}
-    write_json(out / "lmc.json", {**config, **result.to_dict()})
+    write_json(out / "lmc.json", {"config": as_dict(config), **result.to_dict()})
     console.print(f"Curve: {out / 'lmc.json'}")
-    _write_plot(result, out / "lmc.png", console)
-    return 0
-
-
-# --------------------------------------------------------------------------- popvec instability
-def _optimizer_fn(name: str, lr: float) -> Callable[[Population], optim.PopulationOptimizer]:
-    if name == "sgd":
-        return lambda pop: optim.SGD(pop, lr=lr, momentum=0.9)
-    return lambda pop: optim.Adam(pop, lr=lr)
-
-
-def _instability_command(args: argparse.Namespace, parser: argparse.ArgumentParser, console: Console) -> int:
-    if not args.lr > 0:
-        parser.error(f"argument --lr: must be > 0, got {args.lr}")
-    device, data, out = _prepare(args, parser)
-    if args.batch_size > len(data.train):
-        parser.error(f"argument --batch-size: must be <= {len(data.train)} (the train split), got {args.batch_size}")
-    branches = len(args.k1) * args.copies
-    console.print(
-        f"popvec instability: {args.model} on {data.name}, trunk to k1 = {max(args.k1)}, then {branches} branches "
-        f"({args.copies} per k1) for k2 = {args.k2} steps in one stack on {device}; run folder {out}"
-    )
-    progress = make_progress(console, disable=args.no_progress)
-    with progress:
-        tasks = {
-            "trunk": progress.add_task("trunk", total=max(args.k1), loss="-"),
-            "branches": progress.add_task(f"{branches} branches", total=args.k2, loss="-"),
-        }
-
-        def on_step(phase: str, done: int, total: int, losses: Tensor) -> None:
-            if done % 10 == 0 or done == total:
-                progress.update(tasks[phase], completed=done, loss=f"{float(losses.mean()):.4f}")
-
-        result = lmc.instability(
-            model_factory(args.model, data.input_shape, data.num_classes), _optimizer_fn(args.optimizer, args.lr),
-            data.train, args.k1, args.k2, copies=args.copies, seed=args.seed, batch_size=args.batch_size,
-            run_dir=out, eval_data=getattr(data, args.split), alphas=args.alphas, bn=args.bn, on_step=on_step,
-        )
-    rows = [
-        {"k1": r["k1"], "loss barrier": r["loss_barrier"], "error barrier %": 100 * r["error_barrier"], "L2": r["l2"], "error %": 100 * r["error"]}
-        for r in result.rows()
-    ]
-    console.print(leaderboard_table(rows, title=f"Instability on {args.split}, k2 = {args.k2} (means over pairs of copies)"))
-    config = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
-    write_json(out / "instability.json", {"config": config, **result.to_dict()})
-    console.print(f"Table: {out / 'instability.json'}; trunk checkpoints: {out}/trunk_k1_<k1>.pt")
-    _write_plot(result, out / "instability.png", console)
+    common.save_plots(console, [(result.plot, (out / "lmc.png",))])
     return 0

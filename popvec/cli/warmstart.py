@@ -1,161 +1,173 @@
 """``popvec warmstart``: cold vs warm vs shrink-perturb starts in one stack (Ash & Adams 2020).
 
-Writes ``results.json`` (every member and phase), ``summary.json`` (one row per arm) and, with
-matplotlib installed, ``warmstart.png`` (test accuracy and steps to the threshold vs samples seen).
+Writes config.json, ``results.json`` (every member and phase), ``summary.json`` (one row per arm)
+and, with matplotlib installed, ``warmstart.png`` (test accuracy and steps to the threshold vs
+samples seen) to the run folder.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
-from popvec.cli.argtypes import nonnegative_float, number, number_pair, open_unit, positive_float, positive_int
-from popvec.data import DATASET_NAMES, load_dataset
-from popvec.models import MODEL_NAMES, model_factory, required_image_size
+from popvec.cli import common
+from popvec.cli.argtypes import (
+    nonnegative_float,
+    number,
+    number_pair,
+    open_unit,
+    positive_int,
+)
+from popvec.cli.config import (
+    DataFlags,
+    DeviceFlags,
+    HparamFlags,
+    OptimizerFlags,
+    PlotFlags,
+    RunFlags,
+    SeedFlags,
+    config,
+)
+from popvec.cli.flags import as_dict, flag, override
 from popvec.plots import MissingMatplotlib, new_figure, save_figure
 from popvec.report import write_json
-from popvec.studies.warmstart import OPTIMIZER_NAMES, PROTOCOLS, Arm, PhaseRecord, WarmStartResult, default_arms, run_study
+from popvec.studies.warmstart import (
+    OPTIMIZER_NAMES,
+    PROTOCOLS,
+    Arm,
+    PhaseRecord,
+    WarmStartResult,
+    default_arms,
+    run_study,
+)
 
-__all__ = ["register", "run_warmstart", "plot_result"]
+__all__ = ["WarmstartConfig", "build_arms", "plot_result", "register", "run", "summary_table"]
+
+
+@config
+class WarmstartConfig(DataFlags, OptimizerFlags, HparamFlags, SeedFlags, DeviceFlags, PlotFlags, RunFlags):
+    """``popvec warmstart``: the protocol, the arms, and when a phase ends."""
+
+    COMMAND: ClassVar[str] = "warmstart"
+    RESUMABLE: ClassVar[bool] = True
+    protocol: str = flag("online", "online chunks, or two phases (fraction, then all)", choices=PROTOCOLS)
+    weight_decay: float = flag(0.0, "L2 weight decay", parse=nonnegative_float)
+    threshold: float = flag(0.99, "train accuracy that ends a phase, in (0, 1]", parse=number(0.0, 1.0, low_open=True))
+    max_steps: int = flag(1000, "step cap per phase", parse=positive_int)
+    check_every: int = flag(10, "steps between train-accuracy checks", parse=positive_int)
+    fraction: float = flag(0.5, "two-phase: first phase's share, in (0, 1)", parse=open_unit)
+    chunks: int = flag(10, "online: the training set in this many chunks", parse=positive_int)
+    chunk_size: int | None = flag(None, "online: samples per chunk (overrides --chunks)", parse=positive_int)
+    replicates: int = flag(3, "members (seeds) per arm", parse=positive_int)
+    sp: tuple[tuple[float, float], ...] | None = flag(
+        None, "a shrink-perturb arm (repeatable)", parse=number_pair("LAM,SIGMA", ordered=False, minimum=0.0), metavar="LAM,SIGMA", repeat=True
+    )
+    no_cold: bool = flag(False, "leave out the cold-start arm")
+    no_warm: bool = flag(False, "leave out the warm-start arm")
+    keep_optimizer_state: bool = flag(False, "warm/shrink-perturb members keep optimizer state across phases")
+    # The study's documented settings: an MLP trained by SGD lr 0.01 (momentum 0.9).
+    optimizer: str = override(OptimizerFlags, "optimizer", default="sgd", choices=OPTIMIZER_NAMES)
+    lr: float = override(HparamFlags, "lr", default=0.01)
 
 
 def register(commands: Any) -> None:
-    """Add the ``warmstart`` subcommand to ``popvec``."""
-    p = commands.add_parser("warmstart", help="cold vs warm vs shrink-perturb starts, trained in one stack")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="online", help="online chunks, or two phases (fraction, then all)")
-    p.add_argument("--model", choices=MODEL_NAMES, default="mlp")
-    p.add_argument("--dataset", choices=DATASET_NAMES, default="digits", help="digits is built in (offline)")
-    p.add_argument("--data-dir", default="./data", help="where torchvision datasets live")
-    p.add_argument("--download", action="store_true", help="download a torchvision dataset if missing")
-    p.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="sgd")
-    p.add_argument("--lr", type=positive_float, default=0.01)
-    p.add_argument("--momentum", type=nonnegative_float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--threshold", type=number(0.0, 1.0, low_open=True), default=0.99, help="train accuracy that ends a phase, in (0, 1]")
-    p.add_argument("--max-steps", type=positive_int, default=1000, help="step cap per phase")
-    p.add_argument("--check-every", type=positive_int, default=10, help="steps between train-accuracy checks")
-    p.add_argument("--fraction", type=open_unit, default=0.5, help="two-phase: first phase's share, in (0, 1)")
-    p.add_argument("--chunks", type=positive_int, default=10, help="online: the training set in this many chunks")
-    p.add_argument("--chunk-size", type=positive_int, default=None, help="online: samples per chunk (overrides --chunks)")
-    p.add_argument("--replicates", type=positive_int, default=3, help="members (seeds) per arm")
-    p.add_argument("--sp", type=number_pair("LAM,SIGMA", ordered=False, minimum=0.0), action="append", metavar="LAM,SIGMA", help="a shrink-perturb arm (repeatable)")
-    p.add_argument("--no-cold", action="store_true", help="leave out the cold-start arm")
-    p.add_argument("--no-warm", action="store_true", help="leave out the warm-start arm")
-    p.add_argument("--keep-optimizer-state", action="store_true", help="warm/shrink-perturb members keep optimizer state across phases")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--out", default=None, help="results folder (default: runs/warmstart-<timestamp>)")
-    p.add_argument("--no-plots", action="store_true", help="write no PNG")
-    p.add_argument("--no-progress", action="store_true", help="no live progress bar")
-    p.set_defaults(run=_command)
+    common.add_command(commands, WarmstartConfig, run, "cold vs warm vs shrink-perturb starts, trained in one stack")
 
 
-def build_arms(args: argparse.Namespace) -> list[Arm]:
-    arms = [] if args.no_cold else [Arm("cold", "cold")]
-    if not args.no_warm:
+def build_arms(config: WarmstartConfig) -> list[Arm]:
+    """The arms ``config`` asks for: cold, warm, and the ``--sp`` arms (default: the study's)."""
+    arms = [] if config.no_cold else [Arm("cold", "cold")]
+    if not config.no_warm:
         arms.append(Arm("warm", "warm"))
-    if args.sp is None:
+    if config.sp is None:
         arms += [a for a in default_arms() if a.kind == "shrink_perturb"]
     else:
-        for lam, sigma in dict.fromkeys(args.sp):
+        for lam, sigma in dict.fromkeys(config.sp):
             arms.append(Arm.shrink_perturb(lam, sigma))
     return arms
 
 
-def _command(args: argparse.Namespace, parser: argparse.ArgumentParser, console: Console) -> int:
-    from popvec.cli import resolve_device
-
-    try:
-        device = resolve_device(args.device)
-    except ValueError as err:
-        parser.error(str(err))
-    arms = build_arms(args)
+def run(config: WarmstartConfig, console: Console, resume: bool = False) -> int:
+    """Run (or resume) the study of ``config``, print the table, write the run folder; returns the exit code."""
+    arms = build_arms(config)
     if not arms:
-        parser.error("no arms left: drop --no-cold/--no-warm or add --sp LAM,SIGMA")
-    out = Path(args.out or Path("runs") / time.strftime("warmstart-%Y%m%d-%H%M%S"))
-    try:
-        run_warmstart(args, arms, device, out, console)
-    except FileNotFoundError as err:
-        parser.error(str(err))
-    except ValueError as err:  # settings that do not fit the data (e.g. --chunk-size larger than the set)
-        parser.error(str(err))
-    except KeyboardInterrupt:
-        console.print("Interrupted.")
-        return 130
-    return 0
-
-
-def run_warmstart(args: argparse.Namespace, arms: list[Arm], device: Any, out: Path, console: Console) -> WarmStartResult:
-    """Run the study of ``args``, print the table, write JSON (and the plot) to ``out``."""
-    data = load_dataset(args.dataset, args.data_dir, args.download, image_size=required_image_size(args.model)).to(device)
-    model_fn = model_factory(args.model, data.input_shape, data.num_classes)
-    n = len(arms) * args.replicates
-    console.print(
-        f"popvec warmstart: {args.protocol}, {len(arms)} arms x {args.replicates} replicates = {n} x {args.model} "
-        f"in one stack, on {data.name} ({len(data.train)} train / {len(data.test)} test) on {device}"
-    )
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[active]} of " + str(n) + " training"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=args.no_progress,
-    )
-    task: list[Any] = []
-
-    def on_phase_start(phase: int, samples: int, _population: Any) -> None:
-        if task:
-            progress.remove_task(task.pop())
-        task.append(progress.add_task(f"phase {phase + 1} ({samples} samples)", total=args.max_steps, active=n))
-
-    def on_step(phase: int, step: int, active: Any, _population: Any) -> None:
-        if step % 10 == 0:
-            progress.update(task[-1], completed=step, active=int(active.sum()))
-
-    def on_phase_end(record: PhaseRecord) -> None:
-        progress.update(task[-1], completed=max(record.steps), active=0)
-        parts = []
-        for a, arm in enumerate(arms):
-            members = [i for i in range(n) if i // args.replicates == a]
-            acc = sum(record.test_accuracy[i] for i in members) / len(members)
-            steps = sum(record.steps[i] for i in members) / len(members)
-            parts.append(f"{arm.name} {100 * acc:.2f}% ({steps:.0f} steps)")
-        progress.console.print(f"phase {record.phase + 1}, {record.samples} samples: " + "; ".join(parts))
-
-    with progress:
-        result = run_study(
-            model_fn, data.train, data.test, protocol=args.protocol, arms=arms, replicates=args.replicates,
-            optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-            batch_size=args.batch_size, threshold=args.threshold, max_steps=args.max_steps, check_every=args.check_every,
-            fraction=args.fraction, chunk_size=args.chunk_size, chunks=args.chunks,
-            reset_optimizer=not args.keep_optimizer_state, seed=args.seed, device=device,
-            on_phase_start=on_phase_start, on_step=on_step, on_phase_end=on_phase_end,
+        raise common.UsageError("no arms left: drop --no-cold/--no-warm or add --sp LAM,SIGMA")
+    device = common.device_of(config)
+    data, model_fn = common.load_data(config, device)
+    common.check_batch_size(config.batch_size, data)
+    n = len(arms) * config.replicates
+    with common.run_folder(config, resume) as out:
+        console.print(
+            f"popvec warmstart: {config.protocol}, {len(arms)} arms x {config.replicates} replicates = {n} x {config.model} "
+            f"in one stack, on {data.name} ({len(data.train)} train / {len(data.test)} test) on {device}"
         )
-    result.config.update(model=args.model, dataset=data.name)
-    out.mkdir(parents=True, exist_ok=True)
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[active]} of " + str(n) + " training"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=config.no_progress,
+        )
+        task: list[Any] = []
+
+        def on_phase_start(phase: int, samples: int, _population: Any) -> None:
+            if task:
+                progress.remove_task(task.pop())
+            task.append(progress.add_task(f"phase {phase + 1} ({samples} samples)", total=config.max_steps, active=n))
+
+        def on_step(phase: int, step: int, active: Any, _population: Any) -> None:
+            if step % 10 == 0:
+                progress.update(task[-1], completed=step, active=int(active.sum()))
+
+        def on_phase_end(record: PhaseRecord) -> None:
+            progress.update(task[-1], completed=max(record.steps), active=0)
+            parts = []
+            for a, arm in enumerate(arms):
+                members = [i for i in range(n) if i // config.replicates == a]
+                acc = sum(record.test_accuracy[i] for i in members) / len(members)
+                steps = sum(record.steps[i] for i in members) / len(members)
+                parts.append(f"{arm.name} {100 * acc:.2f}% ({steps:.0f} steps)")
+            progress.console.print(f"phase {record.phase + 1}, {record.samples} samples: " + "; ".join(parts))
+
+        with progress:
+            try:
+                result = run_study(
+                    model_fn, data.train, data.test, protocol=config.protocol, arms=arms, replicates=config.replicates,
+                    optimizer=config.optimizer, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                    batch_size=config.batch_size, threshold=config.threshold, max_steps=config.max_steps,
+                    check_every=config.check_every, fraction=config.fraction, chunk_size=config.chunk_size, chunks=config.chunks,
+                    reset_optimizer=not config.keep_optimizer_state, seed=config.seed, device=device,
+                    on_phase_start=on_phase_start, on_step=on_step, on_phase_end=on_phase_end,
+                    **common.run_dir_kwargs(run_study, out, resume, console),
+                )
+            except ValueError as err:  # settings that do not fit the data (e.g. --chunk-size larger than the set)
+                raise common.UsageError(common.one_line(err)) from None
+    result.config.update(as_dict(config))
     write_json(out / "results.json", result.to_dict())
-    summary = result.summary()
-    write_json(out / "summary.json", summary)
-    console.print(summary_table(result, args.model, data.name))
+    write_json(out / "summary.json", result.summary())
+    console.print(summary_table(result, config.model, data.name))
     console.print(
         f"Wall time {result.wall_time_s:.1f} s for all {n} members in one stack; 'time' is the stack's wall time "
         f"until the member stopped, summed over phases."
     )
-    if not args.no_plots:
-        path = plot_result(result, out / "warmstart.png", title=f"{args.model} on {data.name}, {args.protocol}")
+    if not config.no_plots:
+        path = plot_result(result, out / "warmstart.png", title=f"{config.model} on {data.name}, {config.protocol}")
         console.print(f"Plot: {path}" if path else escape(f"No plot written ({MissingMatplotlib()})"))
     console.print(f"Results: {out / 'results.json'}, {out / 'summary.json'}")
-    return result
+    return 0
 
 
 def summary_table(result: WarmStartResult, model: str, dataset: str) -> Table:

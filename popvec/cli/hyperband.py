@@ -1,0 +1,84 @@
+"""``popvec hyperband``: Hyperband / successive halving over a hyperparameter space, in one stack.
+
+A resource unit is ``--unit-steps`` training steps. The run folder gets config.json,
+history.json, leaderboard.json, summary.json, winner.pt and hyperband_val_loss.png (matplotlib).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from rich.console import Console
+
+from popvec.cli import common
+from popvec.cli.argtypes import positive_int
+from popvec.cli.config import (
+    DataFlags,
+    DeviceFlags,
+    OptimizerFlags,
+    PlotFlags,
+    RunFlags,
+    SeedFlags,
+    config,
+)
+from popvec.cli.flags import flag
+from popvec.cli.search import (
+    SearchFlags,
+    early_stopping,
+    finish,
+    library_error,
+    search_space,
+)
+from popvec.search.hyperband import hyperband, hyperband_brackets
+from popvec.search.plots import plot_hyperband
+
+__all__ = ["HyperbandConfig", "register", "run"]
+
+#: Keywords of ``hyperband()`` whose errors name them; they are shown as flags.
+LIBRARY_NAMES = ("max_t", "grace_period", "reduction_factor", "brackets", "unit_steps")
+
+
+@config
+class HyperbandConfig(SearchFlags, DataFlags, OptimizerFlags, SeedFlags, DeviceFlags, PlotFlags, RunFlags):
+    """``popvec hyperband``: the brackets, how long a resource unit is, and the rung rule."""
+
+    COMMAND: ClassVar[str] = "hyperband"
+    RESUMABLE: ClassVar[bool] = True
+    max_t: int = flag(81, "resource units of the longest run", parse=positive_int, aliases=("--max-resource",))
+    grace_period: int = flag(1, "resource units of the shortest run", parse=positive_int, aliases=("--min-resource",))
+    reduction_factor: int = flag(3, "eta (>= 2)", parse=positive_int)
+    brackets: int | None = flag(None, "how many brackets (most aggressive first); 1 = successive halving", parse=positive_int)
+    unit_steps: int = flag(1, "training steps per resource unit", parse=positive_int)
+    rule: str = flag("sha", "rung rule: fixed counts (sha) or ASHA quantile", choices=("sha", "asha"))
+    sequential: bool = flag(False, "run brackets one after another instead of side by side")
+
+
+def register(commands: Any) -> None:
+    common.add_command(commands, HyperbandConfig, run, "Hyperband / successive halving over a hyperparameter space")
+
+
+def run(config: HyperbandConfig, console: Console, resume: bool = False) -> int:
+    """Run (or resume) the search of ``config``; returns the exit code."""
+    try:
+        hyperband_brackets(config.max_t, config.grace_period, config.reduction_factor, config.brackets)
+    except ValueError as err:
+        raise library_error(err, LIBRARY_NAMES) from None
+    space = search_space(config)
+    device = common.device_of(config)
+    data, model_fn = common.load_data(config, device)
+    common.check_batch_size(config.batch_size, data)
+    with common.run_folder(config, resume) as out:
+        try:
+            result = hyperband(
+                model_fn, space, data.train, data.val, data.test, max_t=config.max_t, grace_period=config.grace_period,
+                reduction_factor=config.reduction_factor, brackets=config.brackets, unit_steps=config.unit_steps,
+                optimizer=config.optimizer, batch_size=config.batch_size, seed=config.seed, device=device, rule=config.rule,
+                side_by_side=not config.sequential, early_stopping=early_stopping(config), console=console,
+                progress=not config.no_progress, **common.run_dir_kwargs(hyperband, out, resume, console),
+            )
+        except ValueError as err:
+            raise library_error(err, LIBRARY_NAMES) from None
+    finish(result, space, out, console, "Final leaderboard (survivors of the last rung of every bracket)")
+    if not config.no_plots:
+        common.save_plots(console, [(plot_hyperband, (result.history, out / "hyperband_val_loss.png"))])
+    return 0

@@ -1,0 +1,102 @@
+"""``popvec instability``: the barrier between copies spawned at step k1 (Frankle et al. 2020).
+
+One trunk trains to ``max(k1)``; copies of it at every k1 train ``k2`` steps in one stack; the
+barriers between copies are measured. Writes config.json, instability.json, instability.png (with
+matplotlib) and the trunk checkpoints ``trunk_k1_<k1>.pt`` to the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, ClassVar
+
+from rich.console import Console
+from torch import Tensor
+
+from popvec.cli import common
+from popvec.cli.argtypes import integer
+from popvec.cli.config import (
+    DataFlags,
+    DeviceFlags,
+    HparamFlags,
+    OptimizerFlags,
+    RunFlags,
+    SeedFlags,
+    config,
+)
+from popvec.cli.flags import as_dict, flag, override
+from popvec.cli.lmc import CurveFlags
+from popvec.report import leaderboard_table, make_progress, write_json
+from popvec.studies import lmc
+
+__all__ = ["InstabilityConfig", "register", "run"]
+
+
+def k1_list(text: str) -> tuple[int, ...]:
+    """``"0,10,50"`` -> ``(0, 10, 50)``: distinct integers >= 0, sorted."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 0, e.g. 0,10,50; got {text!r}") from None
+    if min(values) < 0 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"must be distinct integers >= 0, got {text!r}")
+    return tuple(sorted(values))
+
+
+@config
+class InstabilityConfig(CurveFlags, DataFlags, OptimizerFlags, HparamFlags, SeedFlags, DeviceFlags, RunFlags):
+    """``popvec instability``: spawn steps, copies, and how the trunk and the copies train."""
+
+    COMMAND: ClassVar[str] = "instability"
+    RESUMABLE: ClassVar[bool] = True
+    k1: tuple[int, ...] = flag((0, 10, 50, 100, 500), "spawn steps, e.g. 0,10,50,100,500", parse=k1_list)
+    k2: int = flag(500, "steps every copy trains after spawning", parse=integer(1))
+    copies: int = flag(2, "copies spawned at each k1", parse=integer(2))
+    # The documented instability results: LeNet-5, SGD lr 0.05 (momentum 0.9).
+    model: str = override(DataFlags, "model", default="lenet5")
+    optimizer: str = override(OptimizerFlags, "optimizer", default="sgd")
+    lr: float = override(HparamFlags, "lr", default=0.05)
+    seed: int = override(SeedFlags, "seed", help="trunk init and order; copy c draws its order from seed + 1 + c")
+
+
+def register(commands: Any) -> None:
+    common.add_command(commands, InstabilityConfig, run, "barrier between copies spawned at step k1 (Frankle et al. 2020)")
+
+
+def run(config: InstabilityConfig, console: Console, resume: bool = False) -> int:
+    """Run (or resume) the instability analysis of ``config``; returns the exit code."""
+    device = common.device_of(config)
+    data, model_fn = common.load_data(config, device)
+    common.check_batch_size(config.batch_size, data)
+    branches = len(config.k1) * config.copies
+    with common.run_folder(config, resume) as out:
+        console.print(
+            f"popvec instability: {config.model} on {data.name}, trunk to k1 = {max(config.k1)}, then {branches} branches "
+            f"({config.copies} per k1) for k2 = {config.k2} steps in one stack on {device}; run folder {out}"
+        )
+        progress = make_progress(console, disable=config.no_progress)
+        with progress:
+            tasks = {
+                "trunk": progress.add_task("trunk", total=max(config.k1), loss="-"),
+                "branches": progress.add_task(f"{branches} branches", total=config.k2, loss="-"),
+            }
+
+            def on_step(phase: str, done: int, total: int, losses: Tensor) -> None:
+                if done % 10 == 0 or done == total:
+                    progress.update(tasks[phase], completed=done, loss=f"{float(losses.mean()):.4f}")
+
+            result = lmc.instability(
+                model_fn, common.optimizer_factory(config.optimizer, config.lr, config.momentum),
+                data.train, list(config.k1), config.k2, copies=config.copies, seed=config.seed, batch_size=config.batch_size,
+                eval_data=getattr(data, config.split), alphas=config.alphas, bn=config.bn, on_step=on_step,
+                **common.run_dir_kwargs(lmc.instability, out, resume, console),
+            )
+    rows = [
+        {"k1": r["k1"], "loss barrier": r["loss_barrier"], "error barrier %": 100 * r["error_barrier"], "L2": r["l2"], "error %": 100 * r["error"]}
+        for r in result.rows()
+    ]
+    console.print(leaderboard_table(rows, title=f"Instability on {config.split}, k2 = {config.k2} (means over pairs of copies)"))
+    write_json(out / "instability.json", {"config": as_dict(config), **result.to_dict()})
+    console.print(f"Table: {out / 'instability.json'}; trunk checkpoints: {out}/trunk_k1_<k1>.pt")
+    common.save_plots(console, [(result.plot, (out / "instability.png",))])
+    return 0
