@@ -93,7 +93,7 @@ class TrainStep:
         self.loss_fn = loss_fn
         self.compile = compile
         self.cuda_graph = cuda_graph
-        self._grad_fns: dict[bool, Callable[..., Any]] = {}
+        self._grad_fns: dict[tuple[bool, bool], Callable[..., Any]] = {}
         self._graph: _RecordedStep | None = None
         self._warm_key: tuple[Any, ...] | None = None
         self._warm_count = 0

@@ -158,6 +158,7 @@ class DeviceLoader:
         idx = self._member_positions(indices, "indices", "select")
         if idx.numel() == 0:
             raise ValueError("indices must select at least one member")
+        assert self.member_seeds is not None  # _member_positions refuses shared mode
         self.member_seeds = self.member_seeds.index_select(0, idx)
         self._order = self._order.index_select(0, idx.to(self.device))
 
@@ -186,6 +187,7 @@ class DeviceLoader:
             unseen = torch.ones(self.num_samples, dtype=torch.bool)
             unseen[order[p, :seen]] = False
             order[p, seen:] = fresh[unseen[fresh]]
+        assert self.member_seeds is not None  # _member_positions refuses shared mode
         self.member_seeds = self.member_seeds.clone()
         self.member_seeds[pos] = new_seeds
         self._order = order.to(self.device)
@@ -241,8 +243,8 @@ def iterate_batches(
     checks.integer("batch_size", batch_size)
     if isinstance(data, TensorSplit):
         data = (data.x, data.y)
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        x, y = data
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor) and isinstance(data[1], Tensor):
+        x, y = data[0], data[1]
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"data x and y differ in length: {x.shape[0]} vs {y.shape[0]}")
         return zip(x.split(batch_size), y.split(batch_size))
@@ -251,7 +253,7 @@ def iterate_batches(
             f"data must be a TensorSplit, an (x, y) tuple of tensors or an iterable of "
             f"(x, y) batches; got {type(data).__name__}"
         )
-    return iter(data)
+    return iter(data)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- #

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -221,7 +222,7 @@ def _check_name(name: str) -> None:
 
 
 def build_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs: object
+    name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any
 ) -> nn.Module:
     """Build model ``name`` for samples of shape ``input_shape`` (e.g. ``(1, 28, 28)`` or ``(64,)``).
 

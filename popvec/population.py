@@ -355,7 +355,7 @@ class Population:
             for member_seed in member_seeds(seed, self.n):
                 torch.manual_seed(member_seed)
                 for m in resets:
-                    m.reset_parameters()
+                    m.reset_parameters()  # type: ignore[operator]
                 named = dict(module.named_parameters())
                 for k in self.trainable:
                     stacks[k].append(named[k].detach().clone())

@@ -44,7 +44,7 @@ class Schedule:
 
     def select(self, index: Tensor) -> Schedule:
         """The schedule of the members ``index`` (tensor fields are gathered; others kept)."""
-        changes = {}
+        changes: dict[str, Tensor | Schedule] = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             if isinstance(value, Tensor) and value.dim() == 1:

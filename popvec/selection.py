@@ -59,8 +59,8 @@ class SelectionPolicy(Protocol):
         """The global step at which to evaluate and decide next, or None for no more decisions."""
         ...
 
-    def decide(self, table: MetricsTable) -> list[int]:
-        """Positions of the members to keep (repeats copy a member)."""
+    def decide(self, table: MetricsTable) -> list[int] | Decision:
+        """Positions of the members to keep (repeats copy a member), or a :class:`Decision`."""
         ...
 
 

@@ -11,6 +11,7 @@ new per-member field is added here once and no caller can forget to slice it.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ class PopulationState:
         self,
         population: Population,
         optimizer: Optimizer,
-        loss_hparams: dict[str, HParam] | None = None,
+        loss_hparams: Mapping[str, HParam] | None = None,
         active: Tensor | None = None,
     ) -> None:
         if optimizer.population is not population:

@@ -8,7 +8,7 @@ initializations built on it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ class PopulationTrainer:
         progress: bool = True,
         cuda_graph: bool | None = None,
         member_chunk_size: int | None = None,
-        loss_hparams: dict[str, optim.HParam] | None = None,
+        loss_hparams: Mapping[str, optim.HParam] | None = None,
         callbacks: Sequence[Callback] | None = None,
     ) -> None:
         self.state = PopulationState(population, optimizer, loss_hparams)
@@ -236,7 +236,7 @@ class PopulationTrainer:
         decision = as_decision(answer)
         keep = decision.keep
         kept = set(keep)
-        record = {
+        record: dict[str, Any] = {
             "round": len(self.history["rounds"]) + 1,
             "step": self.global_step,
             "members": [{**row, "kept": p in kept} for p, row in enumerate(table.rows())],

@@ -301,8 +301,8 @@ class JointTrainer:
             checks.number(name, value, 0.0)
         checks.number("temperature", temperature, 0.0, low_open=True)
         checks.integer("accumulation_steps", accumulation_steps)
-        for name, value in (("member_max_grad_norm", member_max_grad_norm), ("head_max_grad_norm", head_max_grad_norm)):
-            checks.optional_number(name, value, 0.0, low_open=True, allow_inf=True)
+        for name, norm in (("member_max_grad_norm", member_max_grad_norm), ("head_max_grad_norm", head_max_grad_norm)):
+            checks.optional_number(name, norm, 0.0, low_open=True, allow_inf=True)
         head_params = [p for p in fusion.parameters() if p.requires_grad]
         if head_params and head_optimizer is None:
             raise ValueError("head_optimizer is required: the fusion head has trainable parameters")
@@ -321,7 +321,7 @@ class JointTrainer:
         self.features = features
         self._forward = self._build_forward(features)
         self._member_acc: dict[str, Tensor] | None = None
-        self._head_acc: list[Tensor | None] | None = None
+        self._head_acc: list[Tensor] | None = None
         self._micro = 0
         self.updates = 0
 

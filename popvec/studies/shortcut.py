@@ -71,6 +71,7 @@ class _Interpolated(nn.Module):
             or inp.stride() != expected.stride()
         ):
             raise _Unsupported("the first layer's input changed between the capture and the vmapped pass")
+        assert self.ends is not None and self.alpha is not None  # set together with self.inp
         y_a, y_b = self.ends
         alpha = self.alpha  # a vmapped scalar; (1 - alpha) * a + alpha * b is exact at both ends
         return torch.addcmul(y_a * (1 - alpha), y_b, alpha)
@@ -169,7 +170,7 @@ def _first_affine(skeleton: nn.Module, params: dict[str, Tensor], buffers: dict[
     """
     model = copy.deepcopy(skeleton).eval()
     leaves = {name: m for name, m in model.named_modules() if not list(m.children())}
-    calls: list[tuple[str, Tensor]] = []
+    calls: list[tuple[str, Tensor | None]] = []
     handles = [
         m.register_forward_pre_hook(lambda _m, args, name=name: calls.append((name, args[0] if args else None)))
         for name, m in leaves.items()
