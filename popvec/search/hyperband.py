@@ -157,6 +157,16 @@ class HyperbandPolicy:
             raise ValueError(f"bracket_of names brackets {sorted(unknown)} that are not in brackets")
         self._alive = set(self.bracket_of.values())
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the policy remembers, as plain data: the values recorded at each rung resource (ASHA's
+        pool) and the brackets still running; checkpoints save it so a resumed search decides the same."""
+        return {"records": {int(r): list(v) for r, v in self._records.items()}, "alive": sorted(self._alive)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        self._records = {int(r): [float(v) for v in values] for r, values in state["records"].items()}
+        self._alive = {int(s) for s in state["alive"]}
+
     def rung_at(self, s: int, step: int) -> Rung | None:
         for rung in self._by_s[s].rungs:
             if rung.resource * self.unit_steps == step:

@@ -15,6 +15,7 @@ The policy's randomness depends only on ``(seed, step)``, so a resumed run decid
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -67,6 +68,15 @@ class PBT:
         if unknown:
             raise ValueError(f"hyperparameters {unknown} are not in the search space ({self.space.names})")
         self.names = names
+
+    def state_dict(self) -> dict[str, Any]:
+        """The lineage so far (plain data); the policy's randomness depends only on ``(seed, step)``, so this
+        is all a resumed run needs to record the same history."""
+        return {"lineage": copy.deepcopy(self.lineage)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        self.lineage = copy.deepcopy(list(state["lineage"]))
 
     def next_decision(self, step: int, n: int) -> int | None:
         """The next multiple of ``perturbation_interval``; none at or after ``final_step`` (no last copy)."""
