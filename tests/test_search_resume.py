@@ -1,5 +1,8 @@
 """Searches resumable after a crash: every stateful policy saves and restores what it remembers (plain
-data, read back with ``weights_only=True``) and decides on exactly as before."""
+data, read back with ``weights_only=True``) and decides on exactly as before; Hyperband (side by side,
+one bracket after another, ASHA with early stopping) and PBT killed right after their k-th checkpoint
+and resumed end with the same winner, weights, leaderboard and history as an uninterrupted run;
+killed before any checkpoint, they start over; the one-line reports continue."""
 
 from __future__ import annotations
 
@@ -8,18 +11,25 @@ import io
 import json
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from rich.console import Console
 
+from popvec.data import load_dataset
+from popvec.models import model_factory
 from popvec.search.early_stopping import EarlyStopping
-from popvec.search.hyperband import HyperbandPolicy, hyperband_brackets
-from popvec.search.pbt import PBT
+from popvec.search.hyperband import HyperbandPolicy, hyperband, hyperband_brackets
+from popvec.search.pbt import PBT, pbt
+from popvec.search.run import SearchReporter, SearchResult
 from popvec.search.space import Choice, LogUniform, SearchSpace
 from popvec.selection import MetricsTable, SelectionPolicy, as_decision
+from popvec.trainer import CHECKPOINT_NAME, PopulationTrainer
 
 
 # --------------------------------------------------------------------------- policy state
@@ -124,3 +134,248 @@ def test_policy_state_matters() -> None:
         sim.run(original, 3)
         twin = copy.deepcopy(sim)
         assert json.dumps(twin.run(fresh())) != json.dumps(sim.run(original)), name
+
+
+# --------------------------------------------------------------------------- kill and resume
+@pytest.fixture(scope="module")
+def digits() -> Any:
+    return load_dataset("digits")
+
+
+def model_fn(data: Any) -> Callable[[], torch.nn.Module]:
+    return model_factory("mlp", data.input_shape, data.num_classes, hidden=(16,))
+
+
+SPACE = SearchSpace({"lr": LogUniform(1e-4, 3e-1)})
+ASHA_EARLY = {"rule": "asha", "early_stopping": {"patience": 4, "slope_window": 6, "check_every": 2}}
+# name: (keyword arguments, checkpoints an uninterrupted run writes)
+HYPERBAND: dict[str, tuple[dict[str, Any], int]] = {
+    "side_by_side": ({}, 4),  # rounds at steps 2, 6, 18, then the end
+    "one_after_another": ({"side_by_side": False}, 9),  # brackets of 4, 3 and 2 checkpoints
+    "asha_early_stopping": (ASHA_EARLY, 10),  # a check every 2 steps, then the end
+}
+
+
+def run_hyperband(data: Any, extra: dict[str, Any], **kwargs: Any) -> tuple[SearchResult, list[str]]:
+    console = Console(file=io.StringIO(), width=300)
+    result = hyperband(
+        model_fn(data), SPACE, data.train, data.val, data.test, max_t=9, unit_steps=2, batch_size=32, seed=3,
+        console=console, **extra, **kwargs,
+    )
+    return result, report_lines(console)
+
+
+def run_pbt(data: Any, extra: dict[str, Any], **kwargs: Any) -> tuple[SearchResult, list[str]]:
+    console = Console(file=io.StringIO(), width=300)
+    result = pbt(
+        model_fn(data), SearchSpace({"lr": LogUniform(1e-3, 1e-1)}), data.train, data.val, data.test, num_models=6,
+        perturbation_interval=5, steps=20, batch_size=32, seed=4, console=console, **extra, **kwargs,
+    )
+    return result, report_lines(console)
+
+
+def report_lines(console: Console) -> list[str]:
+    """The one-line-per-decision report (``step N | ...``) a run printed."""
+    return [line for line in console.file.getvalue().splitlines() if line.startswith("step ")]  # type: ignore[attr-defined]
+
+
+def kill_after(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
+    """From now on, raise KeyboardInterrupt right after the k-th checkpoint is written (a Ctrl-C there)."""
+    original = PopulationTrainer.save_checkpoint
+    written = [0]
+
+    def save_then_interrupt(self: PopulationTrainer, path: Any) -> None:
+        original(self, path)
+        written[0] += 1
+        if written[0] == k:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PopulationTrainer, "save_checkpoint", save_then_interrupt)
+
+
+def without_wall_time(history: dict[str, Any]) -> dict[str, Any]:
+    return {**history, "cost": {k: v for k, v in history["cost"].items() if k != "wall_time_s"}}
+
+
+def comparable(result: SearchResult) -> str:
+    """Everything a search returns but the winner's weights and the wall times, as text (NaN == NaN)."""
+    return json.dumps({"best": result.best, "leaderboard": result.leaderboard, "history": without_wall_time(result.history)})
+
+
+def assert_same_result(a: SearchResult, b: SearchResult) -> None:
+    assert a.best["id"] == b.best["id"]
+    wa, wb = a.winner.state_dict(), b.winner.state_dict()
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert comparable(a) == comparable(b)
+
+
+def assert_report_tracks_best(result: SearchResult, lines: list[str]) -> None:
+    """Each report line names the member with the lowest val_loss in all rounds so far (the first on ties)."""
+    rounds = result.history["rounds"]
+    assert len(lines) == len(rounds)
+    best: tuple[float, int] | None = None
+    for record, line in zip(rounds, lines):
+        for row in record["members"]:
+            if not math.isnan(row["val_loss"]) and (best is None or row["val_loss"] < best[0]):
+                best = (row["val_loss"], row["id"])
+        assert best is not None and f"best so far: id {best[1]} val_loss {best[0]:.4f}" in line, line
+
+
+_REFERENCE: dict[str, tuple[SearchResult, list[str]]] = {}
+
+
+def reference(key: str, run: Callable[[], tuple[SearchResult, list[str]]]) -> tuple[SearchResult, list[str]]:
+    """An uninterrupted run without checkpoints, computed once per configuration; its report checked."""
+    if key not in _REFERENCE:
+        result, lines = run()
+        assert_report_tracks_best(result, lines)
+        _REFERENCE[key] = result, lines
+    return _REFERENCE[key]
+
+
+def progress_in(run_dir: Path) -> tuple[int, int]:
+    """The decision rounds and the global steps the checkpoint in ``run_dir`` holds, over all runs of the search."""
+    state = torch.load(run_dir / CHECKPOINT_NAME, weights_only=True)
+    finished = [run for s in state["callbacks"].values() if "finished_runs" in s for run in s["finished_runs"]]
+    rounds = len(state["history"]["rounds"]) + sum(len(run["rounds"]) for run in finished)
+    return rounds, state["counters"]["global_step"] + sum(run["cost"]["global_steps"] for run in finished)
+
+
+def kill_then_resume(
+    run: Callable[..., tuple[SearchResult, list[str]]], run_dir: Path, k: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[SearchResult, list[str], int]:
+    """Run killed after checkpoint ``k``, then resumed: the result, the resumed run's report, the rounds checkpointed.
+
+    The resumed run trains only the steps the checkpoint does not hold (finished brackets are skipped)."""
+    with monkeypatch.context() as m:
+        kill_after(m, k)
+        with pytest.raises(KeyboardInterrupt):
+            run(run_dir=run_dir)
+    done, steps_done = progress_in(run_dir)
+    trained = [0]
+    original = PopulationTrainer.step
+
+    def counting_step(self: PopulationTrainer, *args: Any, **kwargs: Any) -> Any:
+        trained[0] += 1
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(PopulationTrainer, "step", counting_step)
+        result, lines = run(run_dir=run_dir, resume=True)
+    assert steps_done + trained[0] == result.cost["global_steps"]
+    return result, lines, done
+
+
+@pytest.mark.parametrize(
+    ("config", "k"),
+    [("side_by_side", 1), ("side_by_side", 3), ("one_after_another", 2), ("one_after_another", 4), ("one_after_another", 6),
+     ("asha_early_stopping", 2), ("asha_early_stopping", 7), ("asha_early_stopping", 10)],
+)
+def test_hyperband_killed_after_checkpoint_k_resumes_exactly(
+    config: str, k: int, digits: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, single_thread: None
+) -> None:
+    extra, total = HYPERBAND[config]
+    assert k <= total
+    full, full_lines = reference(f"hyperband-{config}", lambda: run_hyperband(digits, extra))
+    resumed, lines, done = kill_then_resume(lambda **kw: run_hyperband(digits, extra, **kw), tmp_path / "run", k, monkeypatch)
+    assert_same_result(full, resumed)
+    # The report goes on where it stopped: same lines, best-so-far included, for every round after the checkpoint.
+    assert lines == full_lines[done:]
+
+
+def test_hyperband_checkpoints_count(digits: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, single_thread: None) -> None:
+    """The k above are checkpoints of these runs: one per decision round and one at the end of each ``fit``."""
+    written: list[int] = []
+    original = PopulationTrainer.save_checkpoint
+
+    def count(self: PopulationTrainer, path: Any) -> None:
+        original(self, path)
+        written.append(self.global_step)
+
+    monkeypatch.setattr(PopulationTrainer, "save_checkpoint", count)
+    for name, (extra, total) in HYPERBAND.items():
+        written.clear()
+        result, _ = run_hyperband(digits, extra, run_dir=tmp_path / name)
+        assert len(written) == total == len(result.history["rounds"]) + (1 if result.history["config"]["side_by_side"] else 3), name
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_pbt_killed_after_checkpoint_k_resumes_exactly(
+    k: int, digits: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, single_thread: None
+) -> None:
+    full, full_lines = reference("pbt", lambda: run_pbt(digits, {}))
+    assert len(full.history["lineage"]) == 6  # 3 perturbations, then the end: 4 checkpoints
+    resumed, lines, done = kill_then_resume(lambda **kw: run_pbt(digits, {}, **kw), tmp_path / "run", k, monkeypatch)
+    assert done == min(k, 3)
+    assert_same_result(full, resumed)
+    assert resumed.history["lineage"] == full.history["lineage"]
+    assert lines == full_lines[done:]
+
+
+@pytest.mark.parametrize("run", ["hyperband", "pbt"])
+def test_killed_before_any_checkpoint_starts_over(
+    run: str, digits: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, single_thread: None
+) -> None:
+    key, search = {
+        "hyperband": ("hyperband-one_after_another", lambda **kw: run_hyperband(digits, HYPERBAND["one_after_another"][0], **kw)),
+        "pbt": ("pbt", lambda **kw: run_pbt(digits, {}, **kw)),
+    }[run]
+    full, _ = reference(key, search)
+    original = PopulationTrainer.step
+
+    def crash_at_step_2(self: PopulationTrainer, *args: Any, **kwargs: Any) -> Any:
+        if self.global_step == 1:  # before the first decision (step 2 for Hyperband, 5 for PBT)
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(PopulationTrainer, "step", crash_at_step_2)
+        with pytest.raises(KeyboardInterrupt):
+            search(run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / CHECKPOINT_NAME).exists()
+    resumed, _ = search(run_dir=tmp_path / "run", resume=True)
+    assert_same_result(full, resumed)
+
+
+def test_resume_needs_a_run_dir(digits: Any) -> None:
+    with pytest.raises(ValueError, match="resume=True needs run_dir"):
+        run_hyperband(digits, {}, resume=True)
+    with pytest.raises(ValueError, match="resume=True needs run_dir"):
+        run_pbt(digits, {}, resume=True)
+
+
+class BestId(SearchReporter):
+    def line(self, record: Mapping[str, Any]) -> str:
+        return f"{record['step']}: {self.best.get('id')}"
+
+
+def test_reporter_recomputes_the_best_when_fit_starts() -> None:
+    """A reporter started on a resumed trainer (or on a later bracket) prints what one that saw every round
+    prints: the best so far comes back from the history and the earlier rounds, even when it is in the
+    last round restored."""
+    records = [{"step": s, "members": [{"id": i, "val_loss": v} for i, v in enumerate(losses)]}
+               for s, losses in [(1, [3.0, 2.0]), (2, [1.0, math.nan]), (3, [1.5, 1.2]), (4, [1.0, 1.1])]]
+    whole = BestId(Console(file=io.StringIO()))
+    whole.on_fit_start(SimpleNamespace(history={"rounds": []}), 4)  # type: ignore[arg-type]
+    expected = []
+    for record in records:
+        whole.on_round(None, record)  # type: ignore[arg-type]
+        expected.append(whole.line(record))
+    assert expected == ["1: 1", "2: 0", "3: 0", "4: 0"]
+    for prior, restored in [([], 2), ([], 3), (records[:1], 1), (records[:2], 0)]:
+        resumed = BestId(Console(file=io.StringIO()), prior_rounds=prior)
+        resumed.on_fit_start(SimpleNamespace(history={"rounds": records[len(prior) : len(prior) + restored]}), 4)  # type: ignore[arg-type]
+        lines = []
+        for record in records[len(prior) + restored :]:
+            resumed.on_round(None, record)  # type: ignore[arg-type]
+            lines.append(resumed.line(record))
+        assert lines == expected[len(prior) + restored :]
+
+
+def test_on_round_hook_still_called(digits: Any, tmp_path: Path, single_thread: None) -> None:
+    seen: list[int] = []
+    result, lines = run_hyperband(digits, {}, on_round=lambda record: seen.append(record["step"]), run_dir=tmp_path, progress=False)
+    assert seen == [r["step"] for r in result.history["rounds"]] == [2, 6, 18]
+    assert lines == []  # progress=False: no report
