@@ -1,8 +1,8 @@
 """Searches resumable after a crash: every stateful policy saves and restores what it remembers (plain
 data, read back with ``weights_only=True``) and decides on exactly as before; Hyperband (side by side,
-one bracket after another, ASHA with early stopping) and PBT killed right after their k-th checkpoint
-and resumed end with the same winner, weights, leaderboard and history as an uninterrupted run;
-killed before any checkpoint, they start over; the one-line reports continue."""
+one bracket after another, ASHA with early stopping), PBT and staged fidelity killed right after their
+k-th checkpoint and resumed end with the same winner, weights, leaderboard and history as an
+uninterrupted run; killed before any checkpoint, they start over; the one-line reports continue."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ from popvec.models import model_factory
 from popvec.search.early_stopping import EarlyStopping
 from popvec.search.hyperband import HyperbandPolicy, hyperband, hyperband_brackets
 from popvec.search.pbt import PBT, pbt
-from popvec.search.run import SearchReporter, SearchResult
+from popvec.search.run import SearchReporter, SearchResult, make_trainer
 from popvec.search.space import Choice, LogUniform, SearchSpace
+from popvec.search.staged import Stage, run_staged
 from popvec.selection import MetricsTable, SelectionPolicy, as_decision
 from popvec.trainer import CHECKPOINT_NAME, PopulationTrainer
 
@@ -379,3 +380,44 @@ def test_on_round_hook_still_called(digits: Any, tmp_path: Path, single_thread: 
     result, lines = run_hyperband(digits, {}, on_round=lambda record: seen.append(record["step"]), run_dir=tmp_path, progress=False)
     assert seen == [r["step"] for r in result.history["rounds"]] == [2, 6, 18]
     assert lines == []  # progress=False: no report
+
+
+# --------------------------------------------------------------------------- staged fidelity
+STAGES = [Stage("S0", 4, 0.1, 0.5), Stage("S1", 6, 0.5, 0.5), Stage("S3", 6, 1.0, 1.0)]
+STAGED_EARLY = {"patience": 4, "check_every": 2}
+
+
+def staged_trainer(data: Any) -> PopulationTrainer:
+    values = SearchSpace({"lr": LogUniform(1e-3, 1e-1)}).sample(8, 0)
+    return make_trainer(model_fn(data), values, progress=False, console=Console(file=io.StringIO()))
+
+
+def run_stages(data: Any, **kwargs: Any) -> PopulationTrainer:
+    trainer = staged_trainer(data)
+    run_staged(trainer, STAGES, data.train, data.val, batch_size=32, early_stopping=STAGED_EARLY, **kwargs)
+    return trainer
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 6])
+def test_staged_killed_after_checkpoint_k_resumes_exactly(
+    k: int, digits: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, single_thread: None
+) -> None:
+    """Checkpoints: S0's round at 2, its cut at 4, the end of its fit at 4, S1's rounds at 6, 8, its cut at 10, ...
+    k=2 and 3 stop at S0's last step, where the resumed run must finish S0's fit, not start S1's with S0's state."""
+    full = run_stages(digits)
+    path = tmp_path / CHECKPOINT_NAME
+    with monkeypatch.context() as m:
+        kill_after(m, k)
+        with pytest.raises(KeyboardInterrupt):
+            run_stages(digits, checkpoint_path=path)
+    resumed = run_stages(digits, checkpoint_path=path, resume=True)
+    assert resumed.global_step == full.global_step == 16
+    assert resumed.population.ids.tolist() == full.population.ids.tolist()
+    for name, stack in full.population.params.items():
+        assert torch.equal(resumed.population.params[name], stack), name
+    assert json.dumps(without_wall_time(resumed.history)) == json.dumps(without_wall_time(full.history))
+
+
+def test_staged_resume_needs_a_checkpoint_path(digits: Any) -> None:
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_path"):
+        run_staged(staged_trainer(digits), STAGES, digits.train, digits.val, resume=True)
