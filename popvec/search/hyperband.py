@@ -343,6 +343,8 @@ def hyperband(
     # The run in progress when the checkpoint was written is the first one its ledger does not hold.
     finished = FinishedRuns.saved(path) if resume else FinishedRuns()
     first = len(finished.runs)
+    if first:
+        console.print(f"Brackets {[b.s for bs, _ in runs[:first] for b in bs]} already finished: skipped")
     for index in range(first, len(runs)):
         bs, ids = runs[index]
         offset = ids[0]
