@@ -19,7 +19,9 @@ member's row has ``reason``). The last member standing is never eliminated.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from popvec import checks
 from popvec.selection import Decision, MetricsTable, SelectionPolicy, as_decision, rank
@@ -74,6 +76,28 @@ class EarlyStopping:
         check = (step // self.check_every + 1) * self.check_every if self.check_every else None
         candidates = [c for c in (self._inner_due, check) if c is not None]
         return min(candidates) if candidates else None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """What the rules remember per member (training losses, best metric), when the wrapped policy is
+        due, and the wrapped policy's own state: plain data, saved in checkpoints so a resumed run stops
+        the same members."""
+        inner = self.policy.state_dict() if self.policy is not None and hasattr(self.policy, "state_dict") else None
+        return {
+            "inner_due": self._inner_due,
+            "train": {member: [list(point) for point in points] for member, points in self._train.items()},
+            "best": {member: list(best) for member, best in self._best.items()},
+            "policy": inner,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (the wrapped policy's part too)."""
+        due = state["inner_due"]
+        self._inner_due = None if due is None else int(due)
+        self._train = {int(m): [(float(s), float(v)) for s, v in points] for m, points in state["train"].items()}
+        self._best = {int(m): (float(score), int(at), float(value)) for m, (score, at, value) in state["best"].items()}
+        if state.get("policy") is not None and self.policy is not None and hasattr(self.policy, "load_state_dict"):
+            self.policy.load_state_dict(state["policy"])
 
     # ------------------------------------------------------------------ rules
     def reason(self, table: MetricsTable, p: int) -> str | None:

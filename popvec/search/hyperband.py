@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,11 +36,11 @@ from popvec import checks
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
 from popvec.search.early_stopping import EarlyStopping
-from popvec.search.run import SearchResult, cost_line, leaderboard, make_trainer
+from popvec.search.run import FinishedRuns, SearchReporter, SearchResult, checkpoint_file, cost_line, finish_run, make_trainer, resume_from
 from popvec.search.space import SearchSpace
 from popvec.selection import Decision, MetricsTable, rank
 
-__all__ = ["Rung", "Bracket", "s_max", "hyperband_brackets", "HyperbandPolicy", "hyperband", "RULES"]
+__all__ = ["Rung", "Bracket", "s_max", "hyperband_brackets", "HyperbandPolicy", "HyperbandReporter", "hyperband", "RULES"]
 
 RULES = ("sha", "asha")
 
@@ -157,6 +158,16 @@ class HyperbandPolicy:
             raise ValueError(f"bracket_of names brackets {sorted(unknown)} that are not in brackets")
         self._alive = set(self.bracket_of.values())
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the policy remembers, as plain data: the values recorded at each rung resource (ASHA's
+        pool) and the brackets still running; checkpoints save it so a resumed search decides the same."""
+        return {"records": {int(r): list(v) for r, v in self._records.items()}, "alive": sorted(self._alive)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        self._records = {int(r): [float(v) for v in values] for r, values in state["records"].items()}
+        self._alive = {int(s) for s in state["alive"]}
+
     def rung_at(self, s: int, step: int) -> Rung | None:
         for rung in self._by_s[s].rungs:
             if rung.resource * self.unit_steps == step:
@@ -232,34 +243,34 @@ class HyperbandPolicy:
 
 
 # ---------------------------------------------------------------------------- the runner
-def _progress_callback(
-    console: Console,
-    bracket_of: Mapping[int, int],
-    metric: str,
-    descending: bool,
-    user: Callable[[dict[str, Any]], None] | None,
-    names: Sequence[str] = (),
-) -> Callable[[dict[str, Any]], None]:
-    best: dict[str, Any] = {}
+class HyperbandReporter(SearchReporter):
+    """After each decision: ``step N | alive per bracket s2:3 s1:5 ... | best so far: id, metric, accuracy (hparams)``."""
 
-    def on_round(record: dict[str, Any]) -> None:
-        for row in record["members"]:
-            v = row.get(metric, math.nan)
-            if not math.isnan(v) and (not best or (v > best["value"] if descending else v < best["value"])):
-                best.update(value=v, id=row["id"], acc=row.get("val_accuracy", math.nan), hparams=row.get("hparams", {}))
+    def __init__(
+        self,
+        console: Console,
+        bracket_of: Mapping[int, int],
+        metric: str = "val_loss",
+        descending: bool = False,
+        names: Sequence[str] = (),
+        prior_rounds: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        super().__init__(console, metric, descending, names, prior_rounds)
+        self.bracket_of = bracket_of
+
+    def line(self, record: Mapping[str, Any]) -> str:
         alive: dict[int, int] = {}
         for member in record["kept_ids"]:
-            alive[bracket_of[member]] = alive.get(bracket_of[member], 0) + 1
-        per = " ".join(f"s{s}:{alive.get(s, 0)}" for s in sorted(set(bracket_of.values()), reverse=True))
+            alive[self.bracket_of[member]] = alive.get(self.bracket_of[member], 0) + 1
+        per = " ".join(f"s{s}:{alive.get(s, 0)}" for s in sorted(set(self.bracket_of.values()), reverse=True))
         line = f"step {record['step']} | alive per bracket {per}"
-        if best:
-            hp = ", ".join(f"{k}={v:.3g}" for k, v in best["hparams"].items() if not names or k in names)
-            line += f" | best so far: id {best['id']} {metric} {best['value']:.4f}, val acc {100 * best['acc']:.2f}% ({hp})"
-        console.print(line)
-        if user is not None:
-            user(record)
-
-    return on_round
+        if self.best:
+            best = self.best
+            line += (
+                f" | best so far: id {best['id']} {self.metric} {best['value']:.4f}, val acc {100 * best['acc']:.2f}% "
+                f"({self.hparams_text()})"
+            )
+        return line
 
 
 def hyperband(
@@ -288,6 +299,8 @@ def hyperband(
     console: Console | None = None,
     progress: bool = True,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> SearchResult:
     """Run Hyperband over ``space`` on ``train`` (a device-resident split), ranking by ``metric`` on ``val``.
 
@@ -295,14 +308,18 @@ def hyperband(
     ``seed + j`` and gets the j-th sampled hyperparameters (``space.sample(N, seed)``). Every
     bracket sees the same shared batch order (``DeviceLoader(train, batch_size, seed=seed)``).
     ``early_stopping``: keyword arguments of :class:`~popvec.search.early_stopping.EarlyStopping`.
-    Returns the history (rounds, bracket table, cost), the survivors ranked (with ``test``
-    accuracy when given) and the winner as a plain module.
+    ``run_dir``: checkpoint into ``run_dir / "checkpoint.pt"`` at every decision; ``resume=True``
+    continues from that checkpoint (or starts over when there is none yet) and ends as an
+    uninterrupted run would (call with the same arguments); one bracket after another, it skips the
+    brackets already finished. Returns the history (rounds, bracket table, cost), the survivors
+    ranked (with ``test`` accuracy when given) and the winner as a plain module.
     """
     console = console or Console()
     table = hyperband_brackets(max_t, grace_period, reduction_factor, brackets, max_resource=max_resource, min_resource=min_resource)
     checks.integer("unit_steps", unit_steps)
     checks.integer("batch_size", batch_size)
     checks.choice("rule", rule, RULES)
+    path = checkpoint_file(run_dir, resume)
     total = sum(b.n for b in table)
     bracket_of: dict[int, int] = {}
     blocks: list[tuple[Bracket, list[int]]] = []
@@ -318,32 +335,33 @@ def hyperband(
         policy: Any = HyperbandPolicy(list(bs), {i: bracket_of[i] for i in ids}, unit_steps, reduction_factor, metric, descending, rule)
         return EarlyStopping(policy, metric=metric, descending=descending, **early_stopping) if early_stopping else policy
 
-    callback = _progress_callback(console, bracket_of, metric, descending, on_round, space.names) if progress else on_round
     console.print(
         f"Hyperband: {len(table)} bracket(s) {[b.n for b in table]} = {total} members, max_t {table[0].rungs[-1].resource} units "
         f"x {unit_steps} step(s), eta {reduction_factor}, rule {rule}, {'side by side in one stack' if side_by_side else 'one bracket after another'}"
     )
     runs = [(table, list(bracket_of))] if side_by_side else [([b], ids) for b, ids in blocks]
-    rounds: list[dict[str, Any]] = []
-    rows: list[dict[str, Any]] = []
-    winners: dict[int, nn.Module] = {}
-    costs = []
-    for bs, ids in runs:
+    # The run in progress when the checkpoint was written is the first one its ledger does not hold.
+    finished = FinishedRuns.saved(path) if resume else FinishedRuns()
+    first = len(finished.runs)
+    if first:
+        console.print(f"Brackets {[b.s for bs, _ in runs[:first] for b in bs]} already finished: skipped")
+    for index in range(first, len(runs)):
+        bs, ids = runs[index]
         offset = ids[0]
+        reporters = [HyperbandReporter(console, bracket_of, metric, descending, space.names, finished.rounds())] if progress else []
         trainer = make_trainer(
             model_fn, {k: v[offset : offset + len(ids)] for k, v in values.items()}, optimizer, seed, device, console, progress,
-            ids=ids, seed_offset=offset,
+            ids=ids, seed_offset=offset, callbacks=[finished, *reporters],
         )
-        trainer.fit(DeviceLoader(train, batch_size, seed=seed), val, max_steps, policy_for(bs, ids), on_round=callback)
-        rounds.extend(trainer.history["rounds"])
-        costs.append(trainer.history["cost"])
-        board = leaderboard(trainer, val, test, metric, descending, extra)
-        winners[board[0]["id"]] = trainer.population.member(board[0]["position"])
-        rows.extend(board)
+        if resume and index == first:
+            resume_from(trainer, path)
+        trainer.fit(DeviceLoader(train, batch_size, seed=seed), val, max_steps, policy_for(bs, ids), checkpoint_path=path, on_round=on_round)
+        rows, winner = finish_run(trainer, val, test, metric, descending, extra)
+        finished.add(trainer.history, rows, winner)
+    rows = [row for run in finished.runs for row in run["rows"]]
     ranked = MetricsTable([r["id"] for r in rows], {metric: [r[metric] for r in rows]})
     rows = [{**rows[p], "rank": place + 1} for place, p in enumerate(rank(ranked, metric, descending))]
-    for row in rows:
-        row.pop("position", None)
+    costs = [run["cost"] for run in finished.runs]
     cost = {
         "member_steps": sum(c["member_steps"] for c in costs),
         "naive_member_steps": total * max_steps,
@@ -364,11 +382,10 @@ def hyperband(
             for b in table
         ],
         "members": {str(i): {"bracket": bracket_of[i], "hparams": {k: v[i] for k, v in values.items()}} for i in range(total)},
-        "rounds": rounds,
+        "rounds": finished.rounds(),
         "leaderboard": rows,
         "cost": cost,
     }
     console.print(cost_line(cost))
     best = rows[0]
-    return SearchResult(history, rows, winners[best["id"]], best, cost)
-
+    return SearchResult(history, rows, finished.winner(best["id"], trainer.population), best, cost)

@@ -15,10 +15,12 @@ The policy's randomness depends only on ``(seed, step)``, so a resumed run decid
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,11 +31,11 @@ from popvec import checks
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
 from popvec.search.early_stopping import EarlyStopping
-from popvec.search.run import SearchResult, cost_line, leaderboard, make_trainer
+from popvec.search.run import SearchReporter, SearchResult, checkpoint_file, cost_line, finish_run, make_trainer, resume_from
 from popvec.search.space import SearchSpace
 from popvec.selection import Decision, MetricsTable, rank
 
-__all__ = ["PBT", "quantile_size", "pbt"]
+__all__ = ["PBT", "PBTReporter", "quantile_size", "pbt"]
 
 
 def quantile_size(n: int, quantile_fraction: float) -> int:
@@ -67,6 +69,15 @@ class PBT:
         if unknown:
             raise ValueError(f"hyperparameters {unknown} are not in the search space ({self.space.names})")
         self.names = names
+
+    def state_dict(self) -> dict[str, Any]:
+        """The lineage so far (plain data); the policy's randomness depends only on ``(seed, step)``, so this
+        is all a resumed run needs to record the same history."""
+        return {"lineage": copy.deepcopy(self.lineage)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        self.lineage = copy.deepcopy(list(state["lineage"]))
 
     def next_decision(self, step: int, n: int) -> int | None:
         """The next multiple of ``perturbation_interval``; none at or after ``final_step`` (no last copy)."""
@@ -124,6 +135,19 @@ class PBT:
         return Decision(keep, hparams=updates, ids=list(table.ids), events=events)
 
 
+class PBTReporter(SearchReporter):
+    """After each perturbation: ``step N | n members | exploits: 3<-1, ... | best so far: id, metric at step (hparams)``."""
+
+    def line(self, record: Mapping[str, Any]) -> str:
+        exploits = ", ".join(f"{e['recipient']}<-{e['donor']}" for e in record.get("events", []))
+        best = self.best
+        return (
+            f"step {record['step']} | {len(record['kept_ids'])} members | exploits: {exploits or 'none'} | "
+            f"best so far: id {best.get('id')} {self.metric} {best.get('value', math.nan):.4f} at step {best.get('step')} "
+            f"({self.hparams_text()})"
+        )
+
+
 def pbt(
     model_fn: Callable[[], nn.Module],
     space: SearchSpace,
@@ -147,6 +171,8 @@ def pbt(
     console: Console | None = None,
     progress: bool = True,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> SearchResult:
     """Run PBT with ``num_models`` members sampled from ``space`` for ``steps`` steps.
 
@@ -155,6 +181,9 @@ def pbt(
     Member j is initialized with ``seed + j`` and the j-th sampled hyperparameters; batches are
     shared (``DeviceLoader(train, batch_size, seed=seed)``). ``early_stopping``: keyword arguments
     of :class:`~popvec.search.early_stopping.EarlyStopping` (members it eliminates are not replaced).
+    ``run_dir``: checkpoint into ``run_dir / "checkpoint.pt"`` at every perturbation; ``resume=True``
+    continues from that checkpoint (or starts over when there is none yet) and ends as an
+    uninterrupted run would (call with the same arguments).
     """
     console = console or Console()
     if population is not None:
@@ -163,37 +192,21 @@ def pbt(
         num_models = population
     for name, value in (("num_models", num_models), ("steps", steps), ("batch_size", batch_size)):
         checks.integer(name, value)
+    path = checkpoint_file(run_dir, resume)
     policy = PBT(perturbation_interval, space, quantile_fraction, resample_probability, metric=metric, descending=descending, seed=seed, final_step=steps)
     wrapped: Any = EarlyStopping(policy, metric=metric, descending=descending, **early_stopping) if early_stopping else policy
     values = space.sample(num_models, seed)
-    trainer = make_trainer(model_fn, values, optimizer, seed, device, console, progress)
-    best: dict[str, Any] = {}
-
-    def callback(record: dict[str, Any]) -> None:
-        for row in record["members"]:
-            v = row.get(metric, math.nan)
-            if not math.isnan(v) and (not best or (v > best["value"] if descending else v < best["value"])):
-                best.update(value=v, id=row["id"], step=record["step"], hparams=row.get("hparams", {}))
-        if progress:
-            exploits = ", ".join(f"{e['recipient']}<-{e['donor']}" for e in record.get("events", []))
-            hp = ", ".join(f"{k}={v:.3g}" for k, v in best.get("hparams", {}).items() if k in space.params)
-            console.print(
-                f"step {record['step']} | {len(record['kept_ids'])} members | exploits: {exploits or 'none'} | "
-                f"best so far: id {best.get('id')} {metric} {best.get('value', math.nan):.4f} at step {best.get('step')} ({hp})"
-            )
-        if on_round is not None:
-            on_round(record)
-
+    reporters = [PBTReporter(console, metric, descending, space.names)] if progress else []
+    trainer = make_trainer(model_fn, values, optimizer, seed, device, console, progress, callbacks=reporters)
     console.print(
         f"PBT: {num_models} members, {steps} steps, perturbation every {perturbation_interval} steps, quantile "
         f"{quantile_fraction}, resample probability {resample_probability}"
     )
     initial = {"step": 0, "ids": trainer.population.ids.tolist(), "hparams": {k: list(v) for k, v in values.items()}}
-    trainer.fit(DeviceLoader(train, batch_size, seed=seed), val, steps, wrapped, on_round=callback)
-    rows = leaderboard(trainer, val, test, metric, descending)
-    winner = trainer.population.member(rows[0]["position"])
-    for row in rows:
-        row.pop("position", None)
+    if resume:
+        resume_from(trainer, path)
+    trainer.fit(DeviceLoader(train, batch_size, seed=seed), val, steps, wrapped, checkpoint_path=path, on_round=on_round)
+    rows, winner = finish_run(trainer, val, test, metric, descending)
     trajectory = [initial] + [
         {"step": r["step"], "ids": r["kept_ids"], "hparams": r["hparams_after"]} for r in trainer.history["rounds"] if "hparams_after" in r
     ]

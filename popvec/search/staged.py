@@ -15,6 +15,7 @@ their weights and optimizer state carry over into the next stage. Stages load fr
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from popvec import checks
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
 from popvec.search.early_stopping import EarlyStopping
+from popvec.search.run import resume_from
 from popvec.search.space import load_config
 from popvec.selection import Decision, MetricsTable, rank
 from popvec.trainer import PopulationTrainer
@@ -136,23 +138,37 @@ def run_staged(
     metric: str = "val_loss",
     descending: bool = False,
     early_stopping: Mapping[str, Any] | None = None,
+    checkpoint_path: str | Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train ``trainer``'s population through ``stages``; returns its history (with ``stages``).
 
     Stage k trains on ``data_subset(train, fraction, seed)`` with shared batches
     (``DeviceLoader(subset, min(batch_size, len(subset)), seed=seed + k)``) until the cumulative
     step budget, then cuts. The cost's naive figure is every initial member for all steps.
+    ``checkpoint_path``: checkpoint there at every decision. ``resume=True``: load that checkpoint
+    (or start over when there is none yet) into ``trainer``, built and passed exactly as in the
+    first call, and continue; the stage in progress follows from the restored ``global_step``.
     """
     if not stages:
         raise ValueError("stages must hold at least one stage")
-    end = trainer.global_step
-    for k, stage in enumerate(stages):
-        end += stage.steps
+    path = Path(checkpoint_path) if checkpoint_path is not None else None
+    if resume and path is None:
+        raise ValueError("resume=True needs checkpoint_path")
+    ends = list(itertools.accumulate((stage.steps for stage in stages), initial=trainer.global_step))[1:]
+    if resume:
+        resume_from(trainer, path)
+    for k, (stage, end) in enumerate(zip(stages, ends)):
+        # Stages that ended before the checkpoint are done. The stage whose fit wrote it runs again, even
+        # when the checkpoint is at its last step (then it trains nothing): only its policy and loader may
+        # take the state saved there, not the next stage's fresh ones.
+        if end < trainer.global_step:
+            continue
         subset = data_subset(train, stage.data_fraction, seed)
         loader = DeviceLoader(subset, min(batch_size, len(subset)), seed=seed + k)
         cut: Any = StageCut(end, stage, metric, descending)
         policy = EarlyStopping(cut, metric=metric, descending=descending, **early_stopping) if early_stopping else cut
         trainer.console.print(f"{stage.name}: {trainer.population.n} member(s), {stage.steps} steps on {len(subset)} samples")
-        trainer.fit(loader, val, end, policy)
+        trainer.fit(loader, val, end, policy, checkpoint_path=path)
     trainer.history["stages"] = [vars(s) for s in stages]
     return trainer.history
