@@ -89,7 +89,7 @@ def run(config: InstabilityConfig, console: Console, resume: bool = False) -> in
                 model_fn, common.optimizer_factory(config.optimizer, config.lr, config.momentum),
                 data.train, list(config.k1), config.k2, copies=config.copies, seed=config.seed, batch_size=config.batch_size,
                 eval_data=getattr(data, config.split), alphas=config.alphas, bn=config.bn, on_step=on_step,
-                **common.run_dir_kwargs(lmc.instability, out, resume, console),
+                run_dir=out, resume=resume,
             )
     rows = [
         {"k1": r["k1"], "loss barrier": r["loss_barrier"], "error barrier %": 100 * r["error_barrier"], "L2": r["l2"], "error %": 100 * r["error"]}

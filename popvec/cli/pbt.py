@@ -68,7 +68,7 @@ def run(config: PBTConfig, console: Console, resume: bool = False) -> int:
                 perturbation_interval=config.perturbation_interval, steps=config.steps, quantile_fraction=config.quantile_fraction,
                 resample_probability=config.resample_probability, optimizer=config.optimizer, batch_size=config.batch_size,
                 seed=config.seed, device=device, early_stopping=early_stopping(config), console=console,
-                progress=not config.no_progress, **common.run_dir_kwargs(pbt, out, resume, console),
+                progress=not config.no_progress, run_dir=out, resume=resume,
             )
         except ValueError as err:
             raise library_error(err, LIBRARY_NAMES) from None
