@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from popvec import optim
 from popvec.losses import cross_entropy
 from popvec.population import Population
-from popvec.search.space import Choice, LogUniform, SearchSpace, Uniform, build_optimizer, load_config, load_space
+from popvec.search.files import load_config, load_space
+from popvec.search.run import build_optimizer
+from popvec.search.space import Choice, LogUniform, SearchSpace, Uniform
 from popvec.trainer import PopulationTrainer
 from conftest import Reference, assert_members_equal, make_batches, reference_model, tiny_mlp
 

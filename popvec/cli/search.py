@@ -22,13 +22,9 @@ from popvec.cli.flags import flag, option
 from popvec.losses import LOSS_HPARAMS
 from popvec.report import leaderboard_table, write_json
 from popvec.search.run import SearchResult, flat_rows
-from popvec.search.space import (
-    OPTIMIZER_HPARAMS,
-    LogUniform,
-    SearchSpace,
-    Uniform,
-    load_space,
-)
+from popvec.optim import OPTIMIZER_HPARAMS
+from popvec.search.files import load_space
+from popvec.search.space import LogUniform, SearchSpace, Uniform
 
 __all__ = ["SearchFlags", "early_stopping", "finish", "library_error", "search_space"]
 

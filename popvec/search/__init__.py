@@ -12,7 +12,8 @@ from popvec.search.early_stopping import EarlyStopping
 from popvec.search.hyperband import HyperbandPolicy, hyperband_brackets
 from popvec.search.pbt import PBT
 from popvec.search.run import SearchResult
-from popvec.search.space import Choice, LogUniform, SearchSpace, Uniform, load_space
+from popvec.search.files import load_space
+from popvec.search.space import Choice, LogUniform, SearchSpace, Uniform
 from popvec.search.staged import Stage, run_staged
 
 __all__ = [

@@ -25,16 +25,17 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
+from popvec import checks, optim
 from popvec.callbacks import Callback, ConsoleReporter
 from popvec.checkpoint import load_checkpoint
 from popvec.engine import evaluate
-from popvec.losses import cross_entropy
+from popvec.losses import LOSS_HPARAMS, cross_entropy
 from popvec.population import Population
-from popvec.search.space import build_optimizer
 from popvec.selection import rank, MetricsTable
 from popvec.trainer import CHECKPOINT_NAME, PopulationTrainer
 
 __all__ = [
+    "build_optimizer",
     "SearchResult",
     "make_trainer",
     "leaderboard",
@@ -274,3 +275,25 @@ class FinishedRuns(Callback):
         module = population.member(0)
         module.load_state_dict(state)
         return module
+
+
+def build_optimizer(
+    kind: str, population: Population, values: Mapping[str, Sequence[float] | Tensor]
+) -> tuple[optim.PopulationOptimizer, dict[str, Tensor]]:
+    """A vectorized optimizer with per-member ``values`` (by name) and the loss hyperparameters.
+
+    Names the optimizer does not take and that are not loss hyperparameters are refused, naming
+    the hyperparameter and what ``kind`` accepts.
+    """
+    checks.choice("optimizer", kind, optim.OPTIMIZERS)
+    known = optim.OPTIMIZER_HPARAMS[kind]
+    loss = {}
+    kwargs: dict[str, Any] = {}
+    for name, v in values.items():
+        if name in LOSS_HPARAMS:
+            loss[name] = checks.member_values(name, v, population.n, population.device)
+        elif name in known:
+            kwargs[name] = v
+        else:
+            raise ValueError(f"hyperparameter {name!r} does not apply to {kind} (it takes {', '.join(known + LOSS_HPARAMS)})")
+    return optim.make(kind, population, **kwargs), loss

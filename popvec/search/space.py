@@ -1,4 +1,4 @@
-"""Declared hyperparameter search spaces, seeded sampling to ``[N]`` tensors, and config files.
+"""Declared hyperparameter search spaces and their seeded sampling to one value per member.
 
 A :class:`SearchSpace` maps hyperparameter names to distributions (:class:`LogUniform`,
 :class:`Uniform`, :class:`Choice`). ``space.sample(n, seed)`` draws one value per member; each
@@ -6,9 +6,8 @@ name has its own stream (seeded by ``seed`` and the name), so adding a hyperpara
 does not change the values drawn for the others. Names are those of the vectorized optimizers
 (``lr``, ``momentum``, ``dampening``, ``weight_decay``, ``beta1``, ``beta2``, ``eps``,
 ``max_grad_norm``) and of per-member losses (``label_smoothing``, see :mod:`popvec.losses`);
-:func:`build_optimizer` turns sampled values into an optimizer plus loss hyperparameters.
-
-Spaces load from TOML (``tomllib``; on Python 3.10 the ``tomli`` package) or YAML (needs PyYAML)::
+:func:`popvec.search.run.build_optimizer` turns sampled values into an optimizer plus loss
+hyperparameters. Spaces load from TOML or YAML with :func:`popvec.search.files.load_space`::
 
     [space]
     lr = { distribution = "loguniform", low = 1e-4, high = 1e-1 }
@@ -40,15 +39,8 @@ __all__ = [
     "Uniform",
     "Choice",
     "SearchSpace",
-    "load_config",
-    "load_space",
-    "build_optimizer",
-    "OPTIMIZER_HPARAMS",
-    "OPTIMIZERS",
 ]
 
-OPTIMIZERS = optim.OPTIMIZERS
-OPTIMIZER_HPARAMS = optim.OPTIMIZER_HPARAMS
 
 
 @dataclass(frozen=True)
@@ -218,69 +210,14 @@ class SearchSpace:
         return out
 
 
-# ---------------------------------------------------------------------------- config files
-def load_config(path: str | Path) -> dict[str, Any]:
-    """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) file as a dict, with clear errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".toml":
-        try:
-            import tomllib as toml_module  # Python 3.11+
-        except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-            try:
-                import tomli as toml_module  # type: ignore[no-redef]
-            except ModuleNotFoundError:
-                raise RuntimeError(f"reading {path} needs Python 3.11+ (tomllib) or the tomli package: pip install tomli") from None
-        try:
-            data = toml_module.loads(path.read_text())
-        except toml_module.TOMLDecodeError as err:
-            raise ValueError(f"{path}: invalid TOML: {err}") from None
-    elif suffix in (".yaml", ".yml"):
-        try:
-            import yaml  # type: ignore[import-untyped]
-        except ModuleNotFoundError:
-            raise RuntimeError(f"reading {path} needs PyYAML: pip install pyyaml (or write the file as TOML)") from None
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: invalid YAML: {err}") from None
-    else:
-        raise ValueError(f"config file {path} must end in .toml, .yaml or .yml")
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a table/mapping, got {type(data).__name__}")
-    return data
+_MOVED = {"load_config": "popvec.search.files", "load_space": "popvec.search.files", "build_optimizer": "popvec.search.run",
+          "OPTIMIZERS": "popvec.optim", "OPTIMIZER_HPARAMS": "popvec.optim"}
 
 
-def load_space(path: str | Path) -> SearchSpace:
-    """The ``[space]`` table of a config file (or the whole file when it has no ``space`` key)."""
-    data = load_config(path)
-    spec = data.get("space", data)
-    try:
-        return SearchSpace.from_dict(spec)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+def __getattr__(name: str) -> Any:
+    """Names that lived here before the module was split still import from here."""
+    if name in _MOVED:
+        import importlib
 
-
-# ---------------------------------------------------------------------------- applying values
-def build_optimizer(
-    kind: str, population: Population, values: Mapping[str, Sequence[float] | Tensor]
-) -> tuple[optim.PopulationOptimizer, dict[str, Tensor]]:
-    """A vectorized optimizer with per-member ``values`` (by name) and the loss hyperparameters.
-
-    Names the optimizer does not take and that are not loss hyperparameters are refused, naming
-    the hyperparameter and what ``kind`` accepts.
-    """
-    checks.choice("optimizer", kind, OPTIMIZERS)
-    known = OPTIMIZER_HPARAMS[kind]
-    loss = {}
-    kwargs: dict[str, Any] = {}
-    for name, v in values.items():
-        if name in LOSS_HPARAMS:
-            loss[name] = checks.member_values(name, v, population.n, population.device)
-        elif name in known:
-            kwargs[name] = v
-        else:
-            raise ValueError(f"hyperparameter {name!r} does not apply to {kind} (it takes {', '.join(known + LOSS_HPARAMS)})")
-    return optim.make(kind, population, **kwargs), loss
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

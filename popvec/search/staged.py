@@ -30,7 +30,7 @@ from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
 from popvec.search.early_stopping import EarlyStopping
 from popvec.search.run import resume_from
-from popvec.search.space import load_config
+from popvec.search.files import load_config
 from popvec.selection import Decision, MetricsTable, rank
 from popvec.trainer import PopulationTrainer
 
