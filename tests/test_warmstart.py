@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -12,13 +13,15 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_cnn, tiny_mlp
+import torch.nn.functional as F
+from conftest import Reference, assert_member_equals, reference_model, tiny_cnn, tiny_mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from popvec import Population, cli
 from popvec.data import TensorSplit
+from popvec.loaders import DeviceLoader
 from popvec.studies.warmstart import Arm, phase_sizes, run_study
 from popvec.cli.warmstart import build_arms
 
@@ -289,3 +292,95 @@ def test_cli_arms_from_flags() -> None:
     default = [a.kind for a in build_arms(parse(["warmstart"]))]
     assert default[:2] == ["cold", "warm"] and set(default[2:]) == {"shrink_perturb"}
     assert [a.name for a in build_arms(parse(["warmstart", "--no-cold", "--sp", "0.6,0.01"]))] == ["warm", "sp(lam=0.6, sigma=0.01)"]
+
+
+# --------------------------------------------------------------------------- the study vs one member at a time
+def old_seeds(seed: int, member: int, replicate: int, phase: int, n: int, num_phases: int, kind: str) -> int:
+    """The seed of a member's draw: the init (phase 0), a cold re-initialization or shrink-perturb noise."""
+    if phase == 0:
+        return seed + member
+    return seed + (phase if kind == "cold" else num_phases + phase) * n + member
+
+
+def accuracy_and_loss(model: nn.Module, split: TensorSplit) -> tuple[float, float]:
+    model.eval()
+    with torch.no_grad():
+        out = model(split.x)
+    model.train()
+    return float((out.argmax(-1) == split.y).double().mean()), float(F.cross_entropy(out, split.y))
+
+
+def reference_member(
+    model_fn: Any, train: TensorSplit, test: TensorSplit, arm: Arm, member: int, replicate: int, n: int, cfg: dict[str, Any]
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """One member of a study trained alone with torch.optim: its final model and one row per phase."""
+    sizes = phase_sizes(cfg["protocol"], len(train), **cfg["sizes"])
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg["seed"]))
+
+    def draw(phase: int) -> nn.Module:
+        return reference_model(model_fn, old_seeds(cfg["seed"], member, replicate, phase, n, len(sizes), arm.kind))
+
+    ref = Reference(draw(0), cfg["opt_fn"], max_grad_norm=math.inf)
+    rows = []
+    for phase, size in enumerate(sizes):
+        if phase > 0 and arm.kind == "cold":
+            ref = Reference(draw(phase), cfg["opt_fn"], max_grad_norm=math.inf)
+        elif phase > 0 and arm.kind == "shrink_perturb":
+            noise = dict(draw(phase).named_parameters())
+            with torch.no_grad():
+                for name, p in ref.model.named_parameters():
+                    p.mul_(arm.lam).add_(arm.sigma * noise[name])
+        if phase > 0 and cfg["reset_optimizer"]:
+            ref = Reference(ref.model, cfg["opt_fn"], max_grad_norm=math.inf)
+        split = TensorSplit(train.x[order[:size]], train.y[order[:size]])
+        loader = DeviceLoader(split, min(cfg["batch_size"], size), seed=cfg["seed"] + phase)
+        t, norms = 0, []
+        while not ((t % cfg["check_every"] == 0 or t == cfg["max_steps"]) and (accuracy_and_loss(ref.model, split)[0] >= cfg["threshold"] or t >= cfg["max_steps"])):
+            ref.step(*loader.next_batch())
+            norms.append(ref.last_grad_norm)
+            t += 1
+        train_acc = accuracy_and_loss(ref.model, split)[0]
+        test_acc, test_loss = accuracy_and_loss(ref.model, test)
+        mean_norm = sum(norms) / len(norms) if norms else math.nan
+        rows.append({"steps": t, "reached": train_acc >= cfg["threshold"], "train_accuracy": train_acc, "test_accuracy": test_acc, "test_loss": test_loss, "grad_norm": mean_norm})
+    return ref.model, rows
+
+
+REFERENCE_CASES = {
+    "mlp-online-sgd": dict(
+        model_fn=tiny_mlp, protocol="online", sizes={"chunk_size": 32}, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3,
+        opt_fn=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3), reset_optimizer=True,
+        batch_size=16, threshold=0.85, max_steps=15, check_every=2, seed=4,
+    ),
+    "cnn-bn-two-phase-adam": dict(
+        model_fn=tiny_cnn, protocol="two-phase", sizes={"fraction": 0.4}, optimizer="adam", lr=0.02, momentum=0.0, weight_decay=0.0,
+        opt_fn=lambda p: torch.optim.Adam(p, lr=0.02), reset_optimizer=False,
+        batch_size=16, threshold=0.6, max_steps=12, check_every=3, seed=2,
+    ),
+}
+REFERENCE_ARMS = [Arm("cold", "cold"), Arm("warm", "warm"), Arm.shrink_perturb(0.5, 0.1)]
+
+
+@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
+def test_study_matches_members_trained_one_at_a_time(case: str) -> None:
+    """Every member's weights, steps, stops and metrics equal a torch.optim loop over that member alone."""
+    cfg = REFERENCE_CASES[case]
+    train, test = toy_data()
+    result = run_study(
+        cfg["model_fn"], train, test, protocol=cfg["protocol"], arms=REFERENCE_ARMS, replicates=2, optimizer=cfg["optimizer"],
+        lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], batch_size=cfg["batch_size"],
+        threshold=cfg["threshold"], max_steps=cfg["max_steps"], check_every=cfg["check_every"],
+        reset_optimizer=cfg["reset_optimizer"], seed=cfg["seed"], **cfg["sizes"],
+    )
+    assert result.population is not None
+    n = len(result.member_arm)
+    stopped_early = 0
+    for i, a in enumerate(result.member_arm):
+        model, rows = reference_member(cfg["model_fn"], train, test, REFERENCE_ARMS[a], i, i % 2, n, cfg)
+        assert_member_equals(result.population, i, model, rtol=1e-4, atol=1e-5)
+        for record, row in zip(result.phases, rows, strict=True):
+            assert record.steps[i] == row["steps"] and record.reached[i] == row["reached"], (i, record.phase)
+            stopped_early += 0 < row["steps"] < cfg["max_steps"]
+            for name in ("train_accuracy", "test_accuracy", "test_loss", "grad_norm"):
+                assert getattr(record, name)[i] == pytest.approx(row[name], rel=1e-4, nan_ok=True), (i, record.phase, name)
+    assert stopped_early > 0, "some member should stop at the threshold before max_steps"

@@ -37,19 +37,24 @@ import torch
 from torch import Tensor, nn
 
 from popvec import optim
+from popvec.callbacks import Callback
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
-from popvec.engine import TrainStep, evaluate
 from popvec.population import Population
+from popvec.selection import Decision, MetricsTable
+from popvec.trainer import PopulationTrainer
 
 __all__ = [
     "ARM_KINDS",
     "PROTOCOLS",
     "Arm",
     "PhaseRecord",
+    "PhaseRecorder",
+    "ThresholdStop",
     "WarmStartResult",
     "default_arms",
     "phase_sizes",
+    "reached_threshold",
     "run_study",
 ]
 
@@ -227,6 +232,199 @@ def build_optimizer(
     return optim.make(name, population, lr=lr, weight_decay=weight_decay, max_grad_norm=math.inf, **extra)
 
 
+def reached_threshold(accuracy: Tensor | Sequence[float], threshold: float) -> list[bool]:
+    """Which members' ``accuracy`` is >= ``threshold``, compared in float32 (the dtype evaluate returns).
+
+    One comparison for the stopping rule and the phase records, so the two never disagree (a
+    float32 accuracy such as 0.9 compares differently with a Python float than with its float32).
+    """
+    return (torch.as_tensor(accuracy, dtype=torch.float32).cpu() >= threshold).tolist()
+
+
+@dataclass
+class ThresholdStop:
+    """One phase's stopping rule as a selection policy: train until the threshold or ``max_steps``.
+
+    Decides at the phase's first global step ``start`` and every ``check_every`` steps after it,
+    and at ``start + max_steps``. It keeps every member (never eliminates) and answers which stay
+    active: a member stops, and is frozen by the step mask for the rest of the phase, once its
+    ``val_accuracy`` (the study evaluates on the phase's training data) reaches ``threshold`` or
+    the phase reaches ``max_steps``. ``phase`` (the phase index) travels with the state, so a
+    resumed study knows which phase it was in.
+    """
+
+    threshold: float
+    check_every: int
+    max_steps: int
+    start: int = 0
+    phase: int = 0
+    #: the global step of the last decision (a policy may decide at the current step only once)
+    decided: int | None = None
+    #: each member's answer at the last decision (None before the first one)
+    active: list[bool] | None = None
+
+    def _is_check(self, t: int) -> bool:
+        return 0 <= t <= self.max_steps and (t % self.check_every == 0 or t == self.max_steps)
+
+    def next_decision(self, step: int, n: int) -> int | None:
+        t = step - self.start
+        if self.decided != step and self._is_check(t):
+            return step
+        if t >= self.max_steps:
+            return None
+        return self.start + min((t // self.check_every + 1) * self.check_every, self.max_steps)
+
+    def decide(self, table: MetricsTable) -> Decision:
+        at_cap = table.step - self.start >= self.max_steps
+        was = self.active if self.active is not None else [True] * len(table)
+        reached = reached_threshold(table.columns["val_accuracy"], self.threshold)
+        self.active = [a and not (r or at_cap) for a, r in zip(was, reached)]
+        self.decided = table.step
+        return Decision(keep=list(range(len(table))), active=list(self.active))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "phase": self.phase, "decided": self.decided, "active": self.active}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.start, self.phase = int(state["start"]), int(state["phase"])
+        self.decided = None if state["decided"] is None else int(state["decided"])
+        self.active = None if state["active"] is None else [bool(a) for a in state["active"]]
+
+
+class PhaseRecorder(Callback):
+    """Keeps the per-member records of the phase in progress and the finished phases' :class:`PhaseRecord`.
+
+    Per member: steps taken (the steps its mask was True), the sum of its gradient norms over those
+    steps (``trainer.last_grad_norm``) and the study clock when it stopped. ``on_step(phase, step,
+    active, population)`` (``step`` counted from the phase's start) is called after every step.
+    ``state_dict`` holds everything, so a resumed run continues the records exactly (the clock
+    continues from where it was saved).
+    """
+
+    def __init__(self, on_step: Callable[[int, int, Tensor, Population], None] | None = None) -> None:
+        self.on_step_fn = on_step
+        self.phases: list[PhaseRecord] = []
+        self.policy: ThresholdStop | None = None
+        self._origin = time.perf_counter()
+        self._reset(0)
+
+    def clock(self) -> float:
+        """Seconds the study has run (across resumes)."""
+        return time.perf_counter() - self._origin
+
+    def begin_phase(self, policy: ThresholdStop, n: int) -> None:
+        """Start the records of the phase ``policy`` stops (``n`` members, all active)."""
+        self.policy = policy
+        self._reset(n)
+
+    def _reset(self, n: int) -> None:
+        self.steps = torch.zeros(n, dtype=torch.long)
+        self.grad_sum = torch.zeros(n, dtype=torch.float64)
+        self.stopped_at = torch.full((n,), math.nan, dtype=torch.float64)
+        self.active = torch.ones(n, dtype=torch.bool)
+        self.phase_started = self.clock()
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: PopulationTrainer, steps: int) -> None:
+        self._note_stops(trainer)  # a resumed checkpoint was taken right after a decision
+
+    def on_step(self, trainer: PopulationTrainer, losses: Any) -> None:
+        active = _active_mask(trainer)
+        norms = trainer.last_grad_norm
+        if norms is not None:
+            self.grad_sum += torch.where(active, norms.detach().cpu().double(), torch.zeros((), dtype=torch.float64))
+        self.steps += active.long()
+        if self.on_step_fn is not None:
+            assert self.policy is not None
+            self.on_step_fn(self.policy.phase, trainer.global_step - self.policy.start, active.clone(), trainer.population)
+
+    def on_round(self, trainer: PopulationTrainer, record: dict[str, Any]) -> None:
+        self._note_stops(trainer)
+
+    def on_fit_end(self, trainer: PopulationTrainer) -> None:
+        self._note_stops(trainer)
+
+    def _note_stops(self, trainer: PopulationTrainer) -> None:
+        """Members that stopped since the last look get the phase's clock as their stop time."""
+        active = _active_mask(trainer)
+        self.stopped_at[self.active & ~active] = self.clock() - self.phase_started
+        self.active = active
+
+    # ------------------------------------------------------------------ the phase's record
+    def end_phase(self, trainer: PopulationTrainer, split: TensorSplit, test: TensorSplit) -> PhaseRecord:
+        """Evaluate on the phase's data and the test set; the phase's record, appended to ``phases``."""
+        assert self.policy is not None
+        train_metrics = trainer.evaluate(split)
+        test_metrics = trainer.evaluate(test)
+        mean_norm = torch.where(self.steps > 0, self.grad_sum / self.steps.clamp(min=1), torch.full_like(self.grad_sum, math.nan))
+        record = PhaseRecord(
+            phase=self.policy.phase,
+            samples=len(split),
+            train_accuracy=train_metrics["accuracy"].tolist(),
+            test_accuracy=test_metrics["accuracy"].tolist(),
+            test_loss=test_metrics["loss"].tolist(),
+            steps=self.steps.tolist(),
+            reached=reached_threshold(train_metrics["accuracy"], self.policy.threshold),
+            grad_norm=mean_norm.tolist(),
+            time_s=self.stopped_at.tolist(),
+            wall_time_s=self.clock() - self.phase_started,
+        )
+        self.phases.append(record)
+        return record
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "phases": [asdict(p) for p in self.phases],
+            "steps": self.steps.clone(),
+            "grad_sum": self.grad_sum.clone(),
+            "stopped_at": self.stopped_at.clone(),
+            "active": self.active.clone(),
+            "phase_started": self.phase_started,
+            "clock": self.clock(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.phases = [PhaseRecord(**p) for p in state["phases"]]
+        self.steps, self.grad_sum = state["steps"].clone(), state["grad_sum"].clone()
+        self.stopped_at, self.active = state["stopped_at"].clone(), state["active"].clone()
+        self.phase_started = float(state["phase_started"])
+        self._origin = time.perf_counter() - float(state["clock"])
+
+
+def _active_mask(trainer: PopulationTrainer) -> Tensor:
+    """The trainer's step mask on the CPU (all True while it has none)."""
+    active = trainer.state.active
+    return torch.ones(trainer.population.n, dtype=torch.bool) if active is None else active.cpu()
+
+
+@dataclass(frozen=True)
+class _Members:
+    """The stack's layout: member ``i`` is replicate ``i % replicates`` of arm ``member_arm[i]``."""
+
+    member_arm: list[int]
+    cold: list[int]
+    shrink_perturb: list[int]
+    lam: list[float]
+    sigma: list[float]
+
+    @classmethod
+    def of(cls, arms: Sequence[Arm], replicates: int) -> _Members:
+        member_arm = [a for a in range(len(arms)) for _ in range(replicates)]
+        kinds = [arms[a].kind for a in member_arm]
+        return cls(
+            member_arm=member_arm,
+            cold=[i for i, k in enumerate(kinds) if k == "cold"],
+            shrink_perturb=[i for i, k in enumerate(kinds) if k == "shrink_perturb"],
+            lam=[arms[a].lam if arms[a].kind == "shrink_perturb" else 1.0 for a in member_arm],
+            sigma=[arms[a].sigma if arms[a].kind == "shrink_perturb" else 0.0 for a in member_arm],
+        )
+
+    @property
+    def n(self) -> int:
+        return len(self.member_arm)
+
+
 @torch.no_grad()
 def _reinitialize(population: Population, members: list[int], model_fn: Callable[[], nn.Module], seed: int) -> None:
     """Overwrite ``members`` (positions) with fresh initializations: member i gets ``seed + i``."""
@@ -238,6 +436,27 @@ def _reinitialize(population: Population, members: list[int], model_fn: Callable
         mine, theirs = getattr(population, kind), getattr(fresh, kind)
         for k, v in mine.items():
             v.index_copy_(0, index, theirs[k].index_select(0, index).to(v.dtype))
+
+
+def _phase_boundary(
+    trainer: PopulationTrainer,
+    members: _Members,
+    model_fn: Callable[[], nn.Module],
+    phase: int,
+    num_phases: int,
+    seed: int,
+    reset_optimizer: bool,
+) -> None:
+    """Before phase ``phase`` > 0: re-initialize cold members, shrink-perturb, reset optimizer state."""
+    pop, n = trainer.population, members.n
+    # Fresh seeds for every phase's cold members and noise: seed + phase * n + i never repeats.
+    _reinitialize(pop, members.cold, model_fn, seed + phase * n)
+    if members.shrink_perturb:
+        pop.shrink_perturb(members.lam, members.sigma, seed=seed + (num_phases + phase) * n, model_fn=model_fn)
+    if reset_optimizer:
+        trainer.optimizer.reset_state(list(range(n)))
+    elif members.cold:
+        trainer.optimizer.reset_state(members.cold)
 
 
 def run_study(
@@ -267,7 +486,9 @@ def run_study(
 ) -> WarmStartResult:
     """Run a warm-starting study; every arm has ``replicates`` members (seeds ``seed + i``).
 
-    Members ``[a * replicates, (a + 1) * replicates)`` belong to arm ``a``. Callbacks:
+    Members ``[a * replicates, (a + 1) * replicates)`` belong to arm ``a``. Each phase is one
+    ``PopulationTrainer.fit`` (one trainer for the whole study) under a :class:`ThresholdStop`
+    policy; a :class:`PhaseRecorder` keeps the records. Callbacks:
     ``on_phase_start(phase, samples, population)`` after the phase-boundary transforms,
     ``on_step(phase, step, active, population)`` after each stack step (``active``: the ``[N]``
     bool mask that step used), ``on_phase_end(record)``. The trained population ends up in
@@ -287,18 +508,10 @@ def run_study(
         raise TypeError("train and test must be TensorSplit instances (popvec.data.load_dataset(...).train)")
     sizes = phase_sizes(protocol, len(train), fraction, chunk_size, chunks)
     device = torch.device(device) if device is not None else train.x.device
-
-    member_arm = [a for a in range(len(arms)) for _ in range(replicates)]
-    n = len(member_arm)
-    kinds = [arms[a].kind for a in member_arm]
-    cold = [i for i, k in enumerate(kinds) if k == "cold"]
-    sp = [i for i, k in enumerate(kinds) if k == "shrink_perturb"]
-    lam = [arms[a].lam if arms[a].kind == "shrink_perturb" else 1.0 for a in member_arm]
-    sigma = [arms[a].sigma if arms[a].kind == "shrink_perturb" else 0.0 for a in member_arm]
+    members = _Members.of(arms, replicates)
+    n = members.n
 
     pop = Population.from_factory(model_fn, n, seed, device)
-    opt = build_optimizer(pop, optimizer, lr, momentum, weight_decay)
-    step_fn = TrainStep(pop, opt)
     train, test = train.to(device), test.to(device)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train), generator=generator).to(device)
@@ -306,7 +519,7 @@ def run_study(
     result = WarmStartResult(
         protocol,
         arms,
-        member_arm,
+        members.member_arm,
         config={
             "protocol": protocol, "replicates": replicates, "optimizer": optimizer, "lr": lr, "momentum": momentum,
             "weight_decay": weight_decay, "batch_size": batch_size, "threshold": threshold, "max_steps": max_steps,
@@ -314,81 +527,29 @@ def run_study(
             "train_samples": len(train), "test_samples": len(test),
         },
     )
-    started = time.perf_counter()
-    for phase, size in enumerate(sizes):
+    recorder = PhaseRecorder(on_step)
+    trainer = PopulationTrainer(pop, build_optimizer(pop, optimizer, lr, momentum, weight_decay), callbacks=[recorder])
+    for phase in range(len(sizes)):
         if phase > 0:
-            # Fresh seeds for every phase's cold members and noise: seed + phase * n + i never repeats.
-            _reinitialize(pop, cold, model_fn, seed + phase * n)
-            if sp:
-                pop.shrink_perturb(lam, sigma, seed=seed + (len(sizes) + phase) * n, model_fn=model_fn)
-            if reset_optimizer:
-                opt.reset_state(list(range(n)))
-            elif cold:
-                opt.reset_state(cold)
+            _phase_boundary(trainer, members, model_fn, phase, len(sizes), seed, reset_optimizer)
+        trainer.state.active = None  # every member trains until the phase's first decision says otherwise
+        policy = ThresholdStop(threshold, check_every, max_steps, start=trainer.global_step, phase=phase)
+        recorder.begin_phase(policy, n)
         if on_phase_start is not None:
-            on_phase_start(phase, size, pop)
-        idx = order[:size]
-        split = TensorSplit(train.x.index_select(0, idx), train.y.index_select(0, idx))
-        record = _train_phase(pop, step_fn, split, test, phase, batch_size, threshold, max_steps, check_every, seed, on_step)
-        result.phases.append(record)
+            on_phase_start(phase, sizes[phase], pop)
+        split = _phase_split(train, order, sizes[phase])
+        loader = DeviceLoader(split, min(batch_size, len(split)), seed=seed + phase)
+        trainer.fit(loader, split, policy.start + max_steps, policy)
+        record = recorder.end_phase(trainer, split, test)
         if on_phase_end is not None:
             on_phase_end(record)
-    result.wall_time_s = time.perf_counter() - started
+    result.phases = list(recorder.phases)
+    result.wall_time_s = recorder.clock()
     result.population = pop
     return result
 
 
-def _train_phase(
-    pop: Population,
-    step_fn: TrainStep,
-    split: TensorSplit,
-    test: TensorSplit,
-    phase: int,
-    batch_size: int,
-    threshold: float,
-    max_steps: int,
-    check_every: int,
-    seed: int,
-    on_step: Callable[[int, int, Tensor, Population], None] | None,
-) -> PhaseRecord:
-    """Train every member on ``split`` until it reaches ``threshold`` or ``max_steps``, each on its own."""
-    n = pop.n
-    loader = DeviceLoader(split, min(batch_size, len(split)), seed=seed + phase)
-    active = torch.ones(n, dtype=torch.bool)
-    steps = torch.zeros(n, dtype=torch.long)
-    grad_sum = torch.zeros(n, dtype=torch.float64)
-    stopped_at = torch.full((n,), math.nan, dtype=torch.float64)
-    started = time.perf_counter()
-    t = 0
-    while True:
-        if t % check_every == 0 or t == max_steps:
-            reached = evaluate(pop, split)["accuracy"].cpu() >= threshold
-            done = active & (reached | (t >= max_steps))
-            stopped_at[done] = time.perf_counter() - started
-            active &= ~done
-        if not bool(active.any()):
-            break
-        x, y = loader.next_batch()
-        step_fn(x, y, mask=active.to(pop.device))
-        norms = step_fn.last_grad_norm
-        if norms is not None:
-            grad_sum += torch.where(active, norms.detach().cpu().double(), torch.zeros((), dtype=torch.float64))
-        steps += active.long()
-        t += 1
-        if on_step is not None:
-            on_step(phase, t, active.clone(), pop)
-    train_metrics = evaluate(pop, split)
-    test_metrics = evaluate(pop, test)
-    mean_norm = torch.where(steps > 0, grad_sum / steps.clamp(min=1), torch.full_like(grad_sum, math.nan))
-    return PhaseRecord(
-        phase=phase,
-        samples=len(split),
-        train_accuracy=train_metrics["accuracy"].tolist(),
-        test_accuracy=test_metrics["accuracy"].tolist(),
-        test_loss=test_metrics["loss"].tolist(),
-        steps=steps.tolist(),
-        reached=(train_metrics["accuracy"].cpu() >= threshold).tolist(),
-        grad_norm=mean_norm.tolist(),
-        time_s=stopped_at.tolist(),
-        wall_time_s=time.perf_counter() - started,
-    )
+def _phase_split(train: TensorSplit, order: Tensor, size: int) -> TensorSplit:
+    """The phase's training data: the first ``size`` samples of the study's fixed permutation ``order``."""
+    idx = order[:size]
+    return TensorSplit(train.x.index_select(0, idx), train.y.index_select(0, idx))
