@@ -8,13 +8,15 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Reference, assert_member_equals, reference_model, tiny_cnn, tiny_mlp
+from conftest import Reference, assert_member_equals, reference_model, tiny_cnn, tiny_mlp, tiny_mlp_dropout
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -23,6 +25,7 @@ from popvec import Population, cli
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
 from popvec.studies.warmstart import Arm, phase_sizes, run_study
+from popvec.trainer import PopulationTrainer
 from popvec.cli.warmstart import build_arms
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -384,3 +387,115 @@ def test_study_matches_members_trained_one_at_a_time(case: str) -> None:
             for name in ("train_accuracy", "test_accuracy", "test_loss", "grad_norm"):
                 assert getattr(record, name)[i] == pytest.approx(row[name], rel=1e-4, nan_ok=True), (i, record.phase, name)
     assert stopped_early > 0, "some member should stop at the threshold before max_steps"
+
+
+# --------------------------------------------------------------------------- checkpoints and resume
+RESUME_CASES = {
+    "mlp-online": dict(model_fn=tiny_mlp_dropout, protocol="online", chunk_size=32, optimizer="adam", lr=0.02, threshold=0.85, max_steps=12, check_every=3, seed=1),
+    "cnn-bn-two-phase": dict(model_fn=tiny_cnn, protocol="two-phase", fraction=0.4, optimizer="adam", lr=0.02, threshold=0.6, max_steps=12, check_every=3, seed=2, reset_optimizer=False),
+}
+
+
+def run_case(case: str, **kwargs: Any) -> Any:
+    cfg = {**RESUME_CASES[case], **kwargs}
+    train, test = toy_data()
+    return run_study(cfg.pop("model_fn"), train, test, arms=REFERENCE_ARMS, replicates=2, batch_size=16, **cfg)
+
+
+def outcome(result: Any) -> tuple[str, dict[str, torch.Tensor]]:
+    """The records but wall times, as exact text (floats round-trip; NaN == NaN), and the weights."""
+    records = [{k: v for k, v in asdict(p).items() if k not in ("time_s", "wall_time_s")} for p in result.phases]
+    return json.dumps(records), stacks(result.population)
+
+
+def assert_same_outcome(a: Any, b: Any) -> None:
+    (records_a, weights_a), (records_b, weights_b) = outcome(a), outcome(b)
+    assert records_a == records_b
+    assert weights_a.keys() == weights_b.keys()
+    for k in weights_a:
+        assert torch.equal(weights_a[k], weights_b[k]), k
+
+
+Point = dict[str, Any]
+
+
+def where(state: dict[str, Any], earlier: list[Point]) -> Point:
+    """Where a study checkpoint was taken: phase, step in the phase, the active mask, and whether it is
+    the phase's closing checkpoint (a second one at the same step, written when the phase's fit ends)."""
+    step = state["counters"]["global_step"]
+    active = state["state"]["active"].tolist()
+    return {"phase": state["policy"]["phase"], "t": step - state["policy"]["start"], "step": step, "active": active,
+            "closing": any(p["step"] == step for p in earlier)}
+
+
+def interrupt_at(monkeypatch: pytest.MonkeyPatch, stop: Callable[[Point], bool]) -> list[Point]:
+    """Simulate Ctrl-C right after the first checkpoint for which ``stop`` holds is written."""
+    original = PopulationTrainer.save_checkpoint
+    seen: list[Point] = []
+
+    def save_then_interrupt(self: PopulationTrainer, path: Any) -> None:
+        original(self, path)
+        seen.append(where(torch.load(path, weights_only=True), seen))
+        if stop(seen[-1]):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PopulationTrainer, "save_checkpoint", save_then_interrupt)
+    return seen
+
+
+KILL_POINTS: dict[str, Callable[[Point], bool]] = {
+    "mid-phase, some members frozen": lambda p: 0 < sum(p["active"]) < len(p["active"]),
+    "phase 0's closing checkpoint": lambda p: p["phase"] == 0 and p["closing"],
+    "phase 1's first decision, after the boundary transforms": lambda p: p["phase"] == 1 and p["t"] == 0,
+    "last phase, mid-phase": lambda p: p["phase"] == p["last"] and 0 < p["t"] < 12,
+    "the finished study": lambda p: p["phase"] == p["last"] and p["closing"],
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted() -> dict[str, Any]:
+    return {case: run_case(case) for case in RESUME_CASES}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_killed_and_resumed_study_equals_uninterrupted(
+    case: str, point: str, uninterrupted: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    last = len(uninterrupted[case].phases) - 1
+    with monkeypatch.context() as m:
+        seen = interrupt_at(m, lambda p: KILL_POINTS[point]({**p, "last": last}))
+        with pytest.raises(KeyboardInterrupt):
+            run_case(case, run_dir=tmp_path)
+    assert KILL_POINTS[point]({**seen[-1], "last": last})
+    assert_same_outcome(run_case(case, run_dir=tmp_path, resume=True), uninterrupted[case])
+
+
+def test_resume_twice_and_from_nothing(uninterrupted: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed mid-phase, resumed and killed again at the next phase's start, resumed to the end; an empty
+    run_dir starts over."""
+    run_dir = tmp_path / "twice"
+    with monkeypatch.context() as m:
+        interrupt_at(m, lambda p: p["phase"] == 1 and p["t"] == 3)
+        with pytest.raises(KeyboardInterrupt):
+            run_case("mlp-online", run_dir=run_dir)
+    with monkeypatch.context() as m:
+        seen = interrupt_at(m, lambda p: p["phase"] == 2 and p["t"] == 0)
+        with pytest.raises(KeyboardInterrupt):
+            run_case("mlp-online", run_dir=run_dir, resume=True)
+    assert seen[0]["phase"] == 1 and seen[0]["t"] > 3  # the second run continued phase 1, it did not restart it
+    assert_same_outcome(run_case("mlp-online", run_dir=run_dir, resume=True), uninterrupted["mlp-online"])
+    caller = torch.get_rng_state()
+    assert_same_outcome(run_case("mlp-online", run_dir=tmp_path / "empty", resume=True), uninterrupted["mlp-online"])
+    assert torch.equal(torch.get_rng_state(), caller)  # dropout drew from the study's own seeded stream
+
+
+def test_resume_refuses_another_study(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="resume=True needs run_dir"):
+        run_case("mlp-online", resume=True)
+    run_case("mlp-online", run_dir=tmp_path)
+    with pytest.raises(ValueError, match="another study .*settings differ: lr"):
+        run_case("mlp-online", run_dir=tmp_path, resume=True, lr=0.03)
+    torch.save({"policy": None}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="is not a warm-start study's checkpoint"):
+        run_case("mlp-online", run_dir=tmp_path, resume=True)

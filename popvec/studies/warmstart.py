@@ -23,6 +23,13 @@ With ``reset_optimizer=True`` (default) every member starts a phase with fresh o
 Recorded per member and phase: training accuracy (on the phase's data), test loss and accuracy,
 steps taken (= steps to the threshold when ``reached``), mean gradient norm over those steps and
 the wall time the stack ran until the member stopped.
+
+The study trains through the library's one loop: one :class:`~popvec.trainer.PopulationTrainer`
+for the whole study, one ``fit`` per phase under a :class:`ThresholdStop` policy (whose decisions
+freeze the members that are done), and a :class:`PhaseRecorder` callback that keeps the records.
+With ``run_dir`` the trainer checkpoints at every decision and at the end of every phase; the
+policy's state holds the phase in progress and the recorder's the finished phases' records, so
+``resume=True`` continues a killed study to the same weights and records.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,11 +46,12 @@ from torch import Tensor, nn
 
 from popvec import optim
 from popvec.callbacks import Callback
+from popvec.checkpoint import load_checkpoint
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
 from popvec.population import Population
 from popvec.selection import Decision, MetricsTable
-from popvec.trainer import PopulationTrainer
+from popvec.trainer import CHECKPOINT_NAME, PopulationTrainer
 
 __all__ = [
     "ARM_KINDS",
@@ -297,11 +306,16 @@ class PhaseRecorder(Callback):
     Per member: steps taken (the steps its mask was True), the sum of its gradient norms over those
     steps (``trainer.last_grad_norm``) and the study clock when it stopped. ``on_step(phase, step,
     active, population)`` (``step`` counted from the phase's start) is called after every step.
-    ``state_dict`` holds everything, so a resumed run continues the records exactly (the clock
-    continues from where it was saved).
+    ``state_dict`` holds everything, with the study's ``config``: a resumed study continues the
+    records exactly (the clock continues from where it was saved) and refuses another study's state.
     """
 
-    def __init__(self, on_step: Callable[[int, int, Tensor, Population], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any] | None = None,
+        on_step: Callable[[int, int, Tensor, Population], None] | None = None,
+    ) -> None:
+        self.config = dict(config or {})
         self.on_step_fn = on_step
         self.phases: list[PhaseRecord] = []
         self.policy: ThresholdStop | None = None
@@ -375,6 +389,7 @@ class PhaseRecorder(Callback):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {
+            "config": self.config,
             "phases": [asdict(p) for p in self.phases],
             "steps": self.steps.clone(),
             "grad_sum": self.grad_sum.clone(),
@@ -385,6 +400,9 @@ class PhaseRecorder(Callback):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["config"] != self.config:
+            differ = sorted(k for k in {*state["config"], *self.config} if state["config"].get(k) != self.config.get(k))
+            raise ValueError(f"the checkpoint belongs to another study (settings differ: {', '.join(differ)})")
         self.phases = [PhaseRecord(**p) for p in state["phases"]]
         self.steps, self.grad_sum = state["steps"].clone(), state["grad_sum"].clone()
         self.stopped_at, self.active = state["stopped_at"].clone(), state["active"].clone()
@@ -459,6 +477,22 @@ def _phase_boundary(
         trainer.optimizer.reset_state(members.cold)
 
 
+def _restore(trainer: PopulationTrainer, path: Path, policy: ThresholdStop) -> ThresholdStop | None:
+    """Load ``path`` into ``trainer``; ``policy`` set to the phase in progress, or None without a checkpoint.
+
+    The rest of the study's state (the recorder's, the policy's decisions) is applied by ``fit``.
+    """
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path, map_location=trainer.population.device)
+    saved = state.get("policy")
+    if not isinstance(saved, dict) or set(saved) != set(policy.state_dict()):
+        raise ValueError(f"{path} is not a warm-start study's checkpoint")
+    trainer.load_state_dict(state)
+    policy.load_state_dict(saved)
+    return policy
+
+
 def run_study(
     model_fn: Callable[[], nn.Module],
     train: TensorSplit,
@@ -483,6 +517,8 @@ def run_study(
     on_phase_start: Callable[[int, int, Population], None] | None = None,
     on_step: Callable[[int, int, Tensor, Population], None] | None = None,
     on_phase_end: Callable[[PhaseRecord], None] | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> WarmStartResult:
     """Run a warm-starting study; every arm has ``replicates`` members (seeds ``seed + i``).
 
@@ -492,7 +528,13 @@ def run_study(
     ``on_phase_start(phase, samples, population)`` after the phase-boundary transforms,
     ``on_step(phase, step, active, population)`` after each stack step (``active``: the ``[N]``
     bool mask that step used), ``on_phase_end(record)``. The trained population ends up in
-    ``result.population``.
+    ``result.population``. Dropout masks are drawn from the global RNG seeded with ``seed`` (the
+    caller's RNG state is restored afterwards), so a study is reproducible from its arguments.
+
+    ``run_dir``: write a checkpoint there (``checkpoint.pt``) at every decision and at the end of
+    every phase. ``resume=True`` continues from ``run_dir``'s checkpoint (or starts over when
+    there is none) to the same weights and records (wall times aside) as an uninterrupted run; the
+    checkpoint must come from a study with the same settings.
     """
     arms = list(default_arms() if arms is None else arms)
     if not arms:
@@ -506,6 +548,8 @@ def run_study(
     _check_unit("threshold", threshold)
     if not isinstance(train, TensorSplit) or not isinstance(test, TensorSplit):
         raise TypeError("train and test must be TensorSplit instances (popvec.data.load_dataset(...).train)")
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs run_dir")
     sizes = phase_sizes(protocol, len(train), fraction, chunk_size, chunks)
     device = torch.device(device) if device is not None else train.x.device
     members = _Members.of(arms, replicates)
@@ -527,22 +571,35 @@ def run_study(
             "train_samples": len(train), "test_samples": len(test),
         },
     )
-    recorder = PhaseRecorder(on_step)
+    recorder = PhaseRecorder({**result.config, "arms": [asdict(a) for a in arms]}, on_step)
     trainer = PopulationTrainer(pop, build_optimizer(pop, optimizer, lr, momentum, weight_decay), callbacks=[recorder])
-    for phase in range(len(sizes)):
-        if phase > 0:
-            _phase_boundary(trainer, members, model_fn, phase, len(sizes), seed, reset_optimizer)
-        trainer.state.active = None  # every member trains until the phase's first decision says otherwise
-        policy = ThresholdStop(threshold, check_every, max_steps, start=trainer.global_step, phase=phase)
-        recorder.begin_phase(policy, n)
-        if on_phase_start is not None:
-            on_phase_start(phase, sizes[phase], pop)
-        split = _phase_split(train, order, sizes[phase])
-        loader = DeviceLoader(split, min(batch_size, len(split)), seed=seed + phase)
-        trainer.fit(loader, split, policy.start + max_steps, policy)
-        record = recorder.end_phase(trainer, split, test)
-        if on_phase_end is not None:
-            on_phase_end(record)
+    checkpoint = Path(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
+
+    def new_policy(phase: int) -> ThresholdStop:
+        return ThresholdStop(threshold, check_every, max_steps, start=trainer.global_step, phase=phase)
+
+    # Dropout masks come from the global RNG: seed it from the study's seed (a resume restores the saved
+    # state), and give the caller its own state back afterwards.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        resumed = _restore(trainer, checkpoint, new_policy(0)) if resume and checkpoint is not None else None
+        for phase in range(resumed.phase if resumed is not None else 0, len(sizes)):
+            if resumed is not None and phase == resumed.phase:
+                policy = resumed  # the checkpoint was taken inside this phase, after its boundary transforms
+            else:
+                if phase > 0:
+                    _phase_boundary(trainer, members, model_fn, phase, len(sizes), seed, reset_optimizer)
+                trainer.state.active = None  # every member trains until the phase's first decision says otherwise
+                policy = new_policy(phase)
+            recorder.begin_phase(policy, n)  # when resuming, fit restores the checkpoint's records over these
+            if on_phase_start is not None:
+                on_phase_start(phase, sizes[phase], pop)
+            split = _phase_split(train, order, sizes[phase])
+            loader = DeviceLoader(split, min(batch_size, len(split)), seed=seed + phase)
+            trainer.fit(loader, split, policy.start + max_steps, policy, checkpoint_path=checkpoint)
+            record = recorder.end_phase(trainer, split, test)
+            if on_phase_end is not None:
+                on_phase_end(record)
     result.phases = list(recorder.phases)
     result.wall_time_s = recorder.clock()
     result.population = pop
