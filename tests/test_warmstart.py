@@ -198,7 +198,10 @@ def test_online_members_stop_on_their_own_and_steps_are_exact() -> None:
 
 
 def test_phase_boundary_transforms() -> None:
-    """Cold members are re-initialized with fresh seeds; warm continue; shrink-perturb = lam * w + sigma * noise."""
+    """Cold members are re-initialized with fresh seeds; warm continue; shrink-perturb = lam * w + sigma * noise.
+
+    Every arm starts from the same init (seed + replicate); phase 1's draw is seeded seed + replicate + 2**32.
+    """
     train, test = toy_data()
     arms = [Arm("cold", "cold"), Arm("warm", "warm"), Arm.shrink_perturb(0.0, 1.0)]
     starts: list[dict[str, torch.Tensor]] = []
@@ -208,11 +211,12 @@ def test_phase_boundary_transforms() -> None:
         on_phase_start=lambda phase, samples, pop: starts.append(stacks(pop)),
     )
     first, second = starts
-    fresh = Population.from_factory(tiny_mlp, 3, seed=5 + 1 * 3)  # phase 1's cold seeds
-    noise = Population.from_factory(tiny_mlp, 3, seed=5 + (2 + 1) * 3)  # phase 1's noise seeds
+    init = Population.from_factory(tiny_mlp, 1, seed=5)
+    fresh = Population.from_factory(tiny_mlp, 1, seed=5 + 2**32)  # phase 1's draw for replicate 0
     for k in fresh.params:
-        assert torch.equal(second[k][0], fresh.params[k][0])  # cold: fresh init
-        assert torch.equal(second[k][2], noise.params[k][2])  # sp with lam 0, sigma 1: the noise init
+        assert all(torch.equal(first[k][i], init.params[k][0]) for i in range(3))  # one init for every arm
+        assert torch.equal(second[k][0], fresh.params[k][0])  # cold: the fresh draw
+        assert torch.equal(second[k][2], fresh.params[k][0])  # sp with lam 0, sigma 1: the same draw as noise
         assert not torch.equal(second[k][1], first[k][1])  # warm: trained in phase 0, kept
     assert [p.steps for p in result.phases] == [[3, 3, 3], [3, 3, 3]]
 
@@ -298,11 +302,9 @@ def test_cli_arms_from_flags() -> None:
 
 
 # --------------------------------------------------------------------------- the study vs one member at a time
-def old_seeds(seed: int, member: int, replicate: int, phase: int, n: int, num_phases: int, kind: str) -> int:
-    """The seed of a member's draw: the init (phase 0), a cold re-initialization or shrink-perturb noise."""
-    if phase == 0:
-        return seed + member
-    return seed + (phase if kind == "cold" else num_phases + phase) * n + member
+def draw_seed(seed: int, replicate: int, phase: int) -> int:
+    """The documented seed of a replicate's draw: its init (phase 0), cold re-initialization or noise (phase >= 1)."""
+    return seed + replicate + 2**32 * phase
 
 
 def accuracy_and_loss(model: nn.Module, split: TensorSplit) -> tuple[float, float]:
@@ -314,14 +316,14 @@ def accuracy_and_loss(model: nn.Module, split: TensorSplit) -> tuple[float, floa
 
 
 def reference_member(
-    model_fn: Any, train: TensorSplit, test: TensorSplit, arm: Arm, member: int, replicate: int, n: int, cfg: dict[str, Any]
+    model_fn: Any, train: TensorSplit, test: TensorSplit, arm: Arm, replicate: int, cfg: dict[str, Any]
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """One member of a study trained alone with torch.optim: its final model and one row per phase."""
     sizes = phase_sizes(cfg["protocol"], len(train), **cfg["sizes"])
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg["seed"]))
 
     def draw(phase: int) -> nn.Module:
-        return reference_model(model_fn, old_seeds(cfg["seed"], member, replicate, phase, n, len(sizes), arm.kind))
+        return reference_model(model_fn, draw_seed(cfg["seed"], replicate, phase))
 
     ref = Reference(draw(0), cfg["opt_fn"], max_grad_norm=math.inf)
     rows = []
@@ -350,16 +352,16 @@ def reference_member(
 
 
 REFERENCE_CASES = {
-    "mlp-online-sgd": dict(
-        model_fn=tiny_mlp, protocol="online", sizes={"chunk_size": 32}, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3,
-        opt_fn=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3), reset_optimizer=True,
-        batch_size=16, threshold=0.85, max_steps=15, check_every=2, seed=4,
-    ),
-    "cnn-bn-two-phase-adam": dict(
-        model_fn=tiny_cnn, protocol="two-phase", sizes={"fraction": 0.4}, optimizer="adam", lr=0.02, momentum=0.0, weight_decay=0.0,
-        opt_fn=lambda p: torch.optim.Adam(p, lr=0.02), reset_optimizer=False,
-        batch_size=16, threshold=0.6, max_steps=12, check_every=3, seed=2,
-    ),
+    "mlp-online-sgd": {
+        "model_fn": tiny_mlp, "protocol": "online", "sizes": {"chunk_size": 32}, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+        "weight_decay": 1e-3, "opt_fn": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3), "reset_optimizer": True,
+        "batch_size": 16, "threshold": 0.85, "max_steps": 15, "check_every": 2, "seed": 4,
+    },
+    "cnn-bn-two-phase-adam": {
+        "model_fn": tiny_cnn, "protocol": "two-phase", "sizes": {"fraction": 0.4}, "optimizer": "adam", "lr": 0.02, "momentum": 0.0,
+        "weight_decay": 0.0, "opt_fn": lambda p: torch.optim.Adam(p, lr=0.02), "reset_optimizer": False,
+        "batch_size": 16, "threshold": 0.6, "max_steps": 12, "check_every": 3, "seed": 2,
+    },
 }
 REFERENCE_ARMS = [Arm("cold", "cold"), Arm("warm", "warm"), Arm.shrink_perturb(0.5, 0.1)]
 
@@ -376,10 +378,9 @@ def test_study_matches_members_trained_one_at_a_time(case: str) -> None:
         reset_optimizer=cfg["reset_optimizer"], seed=cfg["seed"], **cfg["sizes"],
     )
     assert result.population is not None
-    n = len(result.member_arm)
     stopped_early = 0
     for i, a in enumerate(result.member_arm):
-        model, rows = reference_member(cfg["model_fn"], train, test, REFERENCE_ARMS[a], i, i % 2, n, cfg)
+        model, rows = reference_member(cfg["model_fn"], train, test, REFERENCE_ARMS[a], i % 2, cfg)
         assert_member_equals(result.population, i, model, rtol=1e-4, atol=1e-5)
         for record, row in zip(result.phases, rows, strict=True):
             assert record.steps[i] == row["steps"] and record.reached[i] == row["reached"], (i, record.phase)
@@ -389,10 +390,45 @@ def test_study_matches_members_trained_one_at_a_time(case: str) -> None:
     assert stopped_early > 0, "some member should stop at the threshold before max_steps"
 
 
+def arm_outcome(result: Any, arm: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """One arm's records (wall times aside, as exact text) and weights."""
+    a = [x.name for x in result.arms].index(arm)
+    members = result.arm_members(a)
+    records = [{k: [v[i] for i in members] for k, v in asdict(p).items() if isinstance(v, list) and k != "time_s"} for p in result.phases]
+    return json.dumps(records), {k: v[members] for k, v in stacks(result.population).items()}
+
+
+@pytest.mark.parametrize("model_fn, threshold", [(tiny_mlp, 0.85), (tiny_cnn, 0.6)], ids=["mlp", "cnn_bn"])
+def test_an_arm_does_not_depend_on_the_arms_beside_it(model_fn: Any, threshold: float) -> None:
+    """Seeds follow (replicate, phase), not positions: each arm alone, or in another order, gives the same numbers."""
+    train, test = toy_data()
+    arms = [Arm("cold", "cold"), Arm("warm", "warm"), Arm.shrink_perturb(0.5, 0.1), Arm.shrink_perturb(0.3, 0.1)]
+
+    def study(arms: list[Arm]) -> Any:
+        return run_study(
+            model_fn, train, test, protocol="online", arms=arms, replicates=2, optimizer="adam", lr=0.02, batch_size=16,
+            threshold=threshold, max_steps=12, check_every=3, chunk_size=32, seed=3,
+        )
+
+    together, reversed_order = study(arms), study(arms[::-1])
+    for arm in arms:
+        expected = arm_outcome(together, arm.name)
+        for other in (study([arm]), reversed_order):
+            records, weights = arm_outcome(other, arm.name)
+            assert records == expected[0], arm.name
+            assert all(torch.equal(weights[k], expected[1][k]) for k in weights), arm.name
+
+
 # --------------------------------------------------------------------------- checkpoints and resume
 RESUME_CASES = {
-    "mlp-online": dict(model_fn=tiny_mlp_dropout, protocol="online", chunk_size=32, optimizer="adam", lr=0.02, threshold=0.85, max_steps=12, check_every=3, seed=1),
-    "cnn-bn-two-phase": dict(model_fn=tiny_cnn, protocol="two-phase", fraction=0.4, optimizer="adam", lr=0.02, threshold=0.6, max_steps=12, check_every=3, seed=2, reset_optimizer=False),
+    "mlp-online": {
+        "model_fn": tiny_mlp_dropout, "protocol": "online", "chunk_size": 32, "optimizer": "adam", "lr": 0.02, "threshold": 0.85,
+        "max_steps": 12, "check_every": 3, "seed": 1,
+    },
+    "cnn-bn-two-phase": {
+        "model_fn": tiny_cnn, "protocol": "two-phase", "fraction": 0.4, "optimizer": "adam", "lr": 0.02, "threshold": 0.6,
+        "max_steps": 12, "check_every": 3, "seed": 2, "reset_optimizer": False,
+    },
 }
 
 

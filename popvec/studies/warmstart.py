@@ -17,6 +17,11 @@ frozen by the step mask while the others continue. At a phase boundary:
   noise from a fresh initialization of ``model_fn``);
 - **cold** members are re-initialized (``model_fn`` with fresh seeds, BatchNorm statistics too).
 
+Seeds follow the member's identity, not its position: replicate r of every arm starts from
+``torch.manual_seed(seed + r); model_fn()`` and phase p's fresh initialization of replicate r
+(a cold member's new weights, a shrink-perturb member's noise) is seeded with
+``seed + r + 2**32 * p`` (:func:`draw_seed`), so an arm's results do not depend on the other arms.
+
 With ``reset_optimizer=True`` (default) every member starts a phase with fresh optimizer state
 (as a new training run from those weights would); otherwise only cold members' state is reset.
 
@@ -62,6 +67,7 @@ __all__ = [
     "ThresholdStop",
     "WarmStartResult",
     "default_arms",
+    "draw_seed",
     "phase_sizes",
     "reached_threshold",
     "run_study",
@@ -350,7 +356,7 @@ class PhaseRecorder(Callback):
         self.steps += active.long()
         if self.on_step_fn is not None:
             assert self.policy is not None
-            self.on_step_fn(self.policy.phase, trainer.global_step - self.policy.start, active.clone(), trainer.population)
+            self.on_step_fn(self.policy.phase, trainer.global_step - self.policy.start, active, trainer.population)
 
     def on_round(self, trainer: PopulationTrainer, record: dict[str, Any]) -> None:
         self._note_stops(trainer)
@@ -411,70 +417,106 @@ class PhaseRecorder(Callback):
 
 
 def _active_mask(trainer: PopulationTrainer) -> Tensor:
-    """The trainer's step mask on the CPU (all True while it has none)."""
+    """A CPU copy of the trainer's step mask (all True while it has none)."""
     active = trainer.state.active
-    return torch.ones(trainer.population.n, dtype=torch.bool) if active is None else active.cpu()
+    return torch.ones(trainer.population.n, dtype=torch.bool) if active is None else active.to("cpu", copy=True)
+
+
+#: Seeds of different phases lie this far apart (replicate r of phase p: ``seed + r + SEED_STRIDE * p``).
+SEED_STRIDE = 2**32
+
+
+def draw_seed(seed: int, replicate: int, phase: int) -> int:
+    """The seed of replicate ``replicate``'s fresh initialization for phase ``phase``: ``seed + replicate + 2**32 * phase``.
+
+    Phase 0's draw is the initialization every arm's replicate ``replicate`` starts from; phase
+    ``p >= 1``'s is what a cold member is re-initialized to, and a shrink-perturb member's noise, at
+    the start of phase ``p`` (``torch.manual_seed(draw_seed(...)); model_fn()``). A draw depends on
+    the member's replicate and the phase only, never on its arm or position in the stack: an arm's
+    numbers are the same whichever arms run beside it (and in whatever order), and the arms of one
+    replicate share their draws (common random numbers), so they differ only in what they do at
+    the phase boundaries. Distinct for every (replicate, phase) pair while replicates < 2**32.
+    """
+    return seed + replicate + SEED_STRIDE * phase
+
+
+def _draws(model_fn: Callable[[], nn.Module], replicates: int, seed: int, phase: int, device: torch.device) -> Population:
+    """Phase ``phase``'s fresh initialization of every replicate: member r seeded with ``draw_seed(seed, r, phase)``."""
+    return Population.from_factory(model_fn, replicates, draw_seed(seed, 0, phase), device)
 
 
 @dataclass(frozen=True)
 class _Members:
-    """The stack's layout: member ``i`` is replicate ``i % replicates`` of arm ``member_arm[i]``."""
+    """The stack's layout: members ``[a * replicates, (a + 1) * replicates)`` are arm ``a``'s replicates in order."""
 
-    member_arm: list[int]
-    cold: list[int]
-    shrink_perturb: list[int]
-    lam: list[float]
-    sigma: list[float]
-
-    @classmethod
-    def of(cls, arms: Sequence[Arm], replicates: int) -> _Members:
-        member_arm = [a for a in range(len(arms)) for _ in range(replicates)]
-        kinds = [arms[a].kind for a in member_arm]
-        return cls(
-            member_arm=member_arm,
-            cold=[i for i, k in enumerate(kinds) if k == "cold"],
-            shrink_perturb=[i for i, k in enumerate(kinds) if k == "shrink_perturb"],
-            lam=[arms[a].lam if arms[a].kind == "shrink_perturb" else 1.0 for a in member_arm],
-            sigma=[arms[a].sigma if arms[a].kind == "shrink_perturb" else 0.0 for a in member_arm],
-        )
+    arms: list[Arm]
+    replicates: int
 
     @property
     def n(self) -> int:
-        return len(self.member_arm)
+        return len(self.arms) * self.replicates
+
+    @property
+    def member_arm(self) -> list[int]:
+        return [a for a in range(len(self.arms)) for _ in range(self.replicates)]
+
+    @property
+    def replicate(self) -> list[int]:
+        """Each member's replicate."""
+        return [r for _ in self.arms for r in range(self.replicates)]
+
+    def of_arm(self, arm: int) -> list[int]:
+        """Arm ``arm``'s positions, replicate 0 first."""
+        return list(range(arm * self.replicates, (arm + 1) * self.replicates))
+
+    def of_kind(self, kind: str) -> list[int]:
+        return [i for a, arm in enumerate(self.arms) if arm.kind == kind for i in self.of_arm(a)]
+
+
+def _initial_population(model_fn: Callable[[], nn.Module], members: _Members, seed: int, device: torch.device) -> Population:
+    """Phase 0's draws, one per replicate, copied to every arm (ids ``0 .. n - 1`` by position)."""
+    population = _draws(model_fn, members.replicates, seed, 0, device).take(members.replicate)
+    population.ids = torch.arange(members.n)
+    return population
 
 
 @torch.no_grad()
-def _reinitialize(population: Population, members: list[int], model_fn: Callable[[], nn.Module], seed: int) -> None:
-    """Overwrite ``members`` (positions) with fresh initializations: member i gets ``seed + i``."""
-    if not members:
-        return
-    fresh = Population.from_factory(model_fn, population.n, seed, population.device)
-    index = torch.tensor(members, device=population.device)
+def _overwrite(population: Population, positions: list[int], source: Population) -> None:
+    """Copy ``source``'s members (parameters and buffers) into ``positions``, one each, in order."""
+    index = torch.tensor(positions, device=population.device)
     for kind in ("params", "buffers"):
-        mine, theirs = getattr(population, kind), getattr(fresh, kind)
+        mine, theirs = getattr(population, kind), getattr(source, kind)
         for k, v in mine.items():
-            v.index_copy_(0, index, theirs[k].index_select(0, index).to(v.dtype))
+            v.index_copy_(0, index, theirs[k].to(v.device, v.dtype))
 
 
 def _phase_boundary(
-    trainer: PopulationTrainer,
+    population: Population,
+    optimizer: optim.PopulationOptimizer,
     members: _Members,
     model_fn: Callable[[], nn.Module],
     phase: int,
-    num_phases: int,
     seed: int,
     reset_optimizer: bool,
 ) -> None:
-    """Before phase ``phase`` > 0: re-initialize cold members, shrink-perturb, reset optimizer state."""
-    pop, n = trainer.population, members.n
-    # Fresh seeds for every phase's cold members and noise: seed + phase * n + i never repeats.
-    _reinitialize(pop, members.cold, model_fn, seed + phase * n)
-    if members.shrink_perturb:
-        pop.shrink_perturb(members.lam, members.sigma, seed=seed + (num_phases + phase) * n, model_fn=model_fn)
+    """Before phase ``phase`` > 0: re-initialize cold members, shrink-perturb, reset optimizer state.
+
+    Both random transforms use the phase's draws (:func:`draw_seed`): a cold replicate becomes
+    its draw (BatchNorm statistics too), a shrink-perturb replicate ``lam * w + sigma * draw``.
+    """
+    for a, arm in enumerate(members.arms):
+        positions = members.of_arm(a)
+        if arm.kind == "cold":
+            _overwrite(population, positions, _draws(model_fn, members.replicates, seed, phase, population.device))
+        elif arm.kind == "shrink_perturb":
+            # shrink_perturb draws member r's noise with seed + r: on the arm alone, that is draw_seed(seed, r, phase).
+            mine = population.take(positions).shrink_perturb(arm.lam, arm.sigma, seed=draw_seed(seed, 0, phase), model_fn=model_fn)
+            _overwrite(population, positions, mine)
+    cold = members.of_kind("cold")
     if reset_optimizer:
-        trainer.optimizer.reset_state(list(range(n)))
-    elif members.cold:
-        trainer.optimizer.reset_state(members.cold)
+        optimizer.reset_state(list(range(members.n)))
+    elif cold:
+        optimizer.reset_state(cold)
 
 
 def _restore(trainer: PopulationTrainer, path: Path, policy: ThresholdStop) -> ThresholdStop | None:
@@ -520,11 +562,13 @@ def run_study(
     run_dir: str | Path | None = None,
     resume: bool = False,
 ) -> WarmStartResult:
-    """Run a warm-starting study; every arm has ``replicates`` members (seeds ``seed + i``).
+    """Run a warm-starting study; every arm has ``replicates`` members.
 
-    Members ``[a * replicates, (a + 1) * replicates)`` belong to arm ``a``. Each phase is one
-    ``PopulationTrainer.fit`` (one trainer for the whole study) under a :class:`ThresholdStop`
-    policy; a :class:`PhaseRecorder` keeps the records. Callbacks:
+    Members ``[a * replicates, (a + 1) * replicates)`` belong to arm ``a``, replicate 0 first.
+    Replicate r of every arm starts from ``torch.manual_seed(seed + r); model_fn()``, and every
+    later random draw is a function of the replicate and the phase only (:func:`draw_seed`).
+    Each phase is one ``PopulationTrainer.fit`` (one trainer for the whole study) under a
+    :class:`ThresholdStop` policy; a :class:`PhaseRecorder` keeps the records. Callbacks:
     ``on_phase_start(phase, samples, population)`` after the phase-boundary transforms,
     ``on_step(phase, step, active, population)`` after each stack step (``active``: the ``[N]``
     bool mask that step used), ``on_phase_end(record)``. The trained population ends up in
@@ -552,10 +596,10 @@ def run_study(
         raise ValueError("resume=True needs run_dir")
     sizes = phase_sizes(protocol, len(train), fraction, chunk_size, chunks)
     device = torch.device(device) if device is not None else train.x.device
-    members = _Members.of(arms, replicates)
+    members = _Members(arms, replicates)
     n = members.n
 
-    pop = Population.from_factory(model_fn, n, seed, device)
+    pop = _initial_population(model_fn, members, seed, device)
     train, test = train.to(device), test.to(device)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train), generator=generator).to(device)
@@ -572,7 +616,8 @@ def run_study(
         },
     )
     recorder = PhaseRecorder({**result.config, "arms": [asdict(a) for a in arms]}, on_step)
-    trainer = PopulationTrainer(pop, build_optimizer(pop, optimizer, lr, momentum, weight_decay), callbacks=[recorder])
+    opt = build_optimizer(pop, optimizer, lr, momentum, weight_decay)
+    trainer = PopulationTrainer(pop, opt, callbacks=[recorder])
     checkpoint = Path(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
 
     def new_policy(phase: int) -> ThresholdStop:
@@ -588,7 +633,7 @@ def run_study(
                 policy = resumed  # the checkpoint was taken inside this phase, after its boundary transforms
             else:
                 if phase > 0:
-                    _phase_boundary(trainer, members, model_fn, phase, len(sizes), seed, reset_optimizer)
+                    _phase_boundary(pop, opt, members, model_fn, phase, seed, reset_optimizer)
                 trainer.state.active = None  # every member trains until the phase's first decision says otherwise
                 policy = new_policy(phase)
             recorder.begin_phase(policy, n)  # when resuming, fit restores the checkpoint's records over these
