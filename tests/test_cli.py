@@ -418,7 +418,7 @@ LIBRARY_FUNCTIONS = {"instability": (instability_cli.lmc, "instability"), "hyper
 
 
 @pytest.mark.parametrize("name", sorted(LIBRARY_FUNCTIONS))
-def test_resume_passes_the_run_folder_to_the_library(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_passes_the_run_folder_to_the_library(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     owner, attr = LIBRARY_FUNCTIONS[name]
     real = getattr(owner, attr)
     seen: dict[str, Any] = {}
@@ -431,21 +431,6 @@ def test_resume_passes_the_run_folder_to_the_library(name: str, tmp_path: Path, 
     run_dir = saved_run(tmp_path, name)
     assert cli.main([name, "--resume", str(run_dir)]) == 0
     assert seen == {"run_dir": run_dir, "resume": True}
-    assert "cannot resume" not in capsys.readouterr().out
-
-
-def test_run_dir_kwargs_follow_the_library_signature(tmp_path: Path) -> None:
-    console = Console(file=io.StringIO())
-
-    def old_style(x: int, run_dir: Any = None) -> None: ...
-
-    def neither(x: int) -> None: ...
-
-    assert common.run_dir_kwargs(old_style, tmp_path, False, console) == {"run_dir": tmp_path}
-    assert common.run_dir_kwargs(neither, tmp_path, False, console) == {}
-    assert console.file.getvalue() == ""  # type: ignore[attr-defined]
-    assert common.run_dir_kwargs(old_style, tmp_path, True, console) == {"run_dir": tmp_path}
-    assert "old_style() cannot resume a run: starting over" in console.file.getvalue()  # type: ignore[attr-defined]
 
 
 def test_default_run_folder_is_command_and_timestamp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_cnn, tiny_mlp
+import torch.nn.functional as F
+from conftest import Reference, assert_member_equals, reference_model, tiny_cnn, tiny_mlp, tiny_mlp_dropout
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from popvec import Population, cli
 from popvec.data import TensorSplit
+from popvec.loaders import DeviceLoader
 from popvec.studies.warmstart import Arm, phase_sizes, run_study
+from popvec.trainer import PopulationTrainer
 from popvec.cli.warmstart import build_arms
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -192,7 +198,10 @@ def test_online_members_stop_on_their_own_and_steps_are_exact() -> None:
 
 
 def test_phase_boundary_transforms() -> None:
-    """Cold members are re-initialized with fresh seeds; warm continue; shrink-perturb = lam * w + sigma * noise."""
+    """Cold members are re-initialized with fresh seeds; warm continue; shrink-perturb = lam * w + sigma * noise.
+
+    Every arm starts from the same init (seed + replicate); phase 1's draw is seeded seed + replicate + 2**32.
+    """
     train, test = toy_data()
     arms = [Arm("cold", "cold"), Arm("warm", "warm"), Arm.shrink_perturb(0.0, 1.0)]
     starts: list[dict[str, torch.Tensor]] = []
@@ -202,11 +211,12 @@ def test_phase_boundary_transforms() -> None:
         on_phase_start=lambda phase, samples, pop: starts.append(stacks(pop)),
     )
     first, second = starts
-    fresh = Population.from_factory(tiny_mlp, 3, seed=5 + 1 * 3)  # phase 1's cold seeds
-    noise = Population.from_factory(tiny_mlp, 3, seed=5 + (2 + 1) * 3)  # phase 1's noise seeds
+    init = Population.from_factory(tiny_mlp, 1, seed=5)
+    fresh = Population.from_factory(tiny_mlp, 1, seed=5 + 2**32)  # phase 1's draw for replicate 0
     for k in fresh.params:
-        assert torch.equal(second[k][0], fresh.params[k][0])  # cold: fresh init
-        assert torch.equal(second[k][2], noise.params[k][2])  # sp with lam 0, sigma 1: the noise init
+        assert all(torch.equal(first[k][i], init.params[k][0]) for i in range(3))  # one init for every arm
+        assert torch.equal(second[k][0], fresh.params[k][0])  # cold: the fresh draw
+        assert torch.equal(second[k][2], fresh.params[k][0])  # sp with lam 0, sigma 1: the same draw as noise
         assert not torch.equal(second[k][1], first[k][1])  # warm: trained in phase 0, kept
     assert [p.steps for p in result.phases] == [[3, 3, 3], [3, 3, 3]]
 
@@ -289,3 +299,239 @@ def test_cli_arms_from_flags() -> None:
     default = [a.kind for a in build_arms(parse(["warmstart"]))]
     assert default[:2] == ["cold", "warm"] and set(default[2:]) == {"shrink_perturb"}
     assert [a.name for a in build_arms(parse(["warmstart", "--no-cold", "--sp", "0.6,0.01"]))] == ["warm", "sp(lam=0.6, sigma=0.01)"]
+
+
+# --------------------------------------------------------------------------- the study vs one member at a time
+def draw_seed(seed: int, replicate: int, phase: int) -> int:
+    """The documented seed of a replicate's draw: its init (phase 0), cold re-initialization or noise (phase >= 1)."""
+    return seed + replicate + 2**32 * phase
+
+
+def accuracy_and_loss(model: nn.Module, split: TensorSplit) -> tuple[float, float]:
+    model.eval()
+    with torch.no_grad():
+        out = model(split.x)
+    model.train()
+    return float((out.argmax(-1) == split.y).double().mean()), float(F.cross_entropy(out, split.y))
+
+
+def reference_member(
+    model_fn: Any, train: TensorSplit, test: TensorSplit, arm: Arm, replicate: int, cfg: dict[str, Any]
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """One member of a study trained alone with torch.optim: its final model and one row per phase."""
+    sizes = phase_sizes(cfg["protocol"], len(train), **cfg["sizes"])
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg["seed"]))
+
+    def draw(phase: int) -> nn.Module:
+        return reference_model(model_fn, draw_seed(cfg["seed"], replicate, phase))
+
+    ref = Reference(draw(0), cfg["opt_fn"], max_grad_norm=math.inf)
+    rows = []
+    for phase, size in enumerate(sizes):
+        if phase > 0 and arm.kind == "cold":
+            ref = Reference(draw(phase), cfg["opt_fn"], max_grad_norm=math.inf)
+        elif phase > 0 and arm.kind == "shrink_perturb":
+            noise = dict(draw(phase).named_parameters())
+            with torch.no_grad():
+                for name, p in ref.model.named_parameters():
+                    p.mul_(arm.lam).add_(arm.sigma * noise[name])
+        if phase > 0 and cfg["reset_optimizer"]:
+            ref = Reference(ref.model, cfg["opt_fn"], max_grad_norm=math.inf)
+        split = TensorSplit(train.x[order[:size]], train.y[order[:size]])
+        loader = DeviceLoader(split, min(cfg["batch_size"], size), seed=cfg["seed"] + phase)
+        t, norms = 0, []
+        while not ((t % cfg["check_every"] == 0 or t == cfg["max_steps"]) and (accuracy_and_loss(ref.model, split)[0] >= cfg["threshold"] or t >= cfg["max_steps"])):
+            ref.step(*loader.next_batch())
+            norms.append(ref.last_grad_norm)
+            t += 1
+        train_acc = accuracy_and_loss(ref.model, split)[0]
+        test_acc, test_loss = accuracy_and_loss(ref.model, test)
+        mean_norm = sum(norms) / len(norms) if norms else math.nan
+        rows.append({"steps": t, "reached": train_acc >= cfg["threshold"], "train_accuracy": train_acc, "test_accuracy": test_acc, "test_loss": test_loss, "grad_norm": mean_norm})
+    return ref.model, rows
+
+
+REFERENCE_CASES = {
+    "mlp-online-sgd": {
+        "model_fn": tiny_mlp, "protocol": "online", "sizes": {"chunk_size": 32}, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+        "weight_decay": 1e-3, "opt_fn": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3), "reset_optimizer": True,
+        "batch_size": 16, "threshold": 0.85, "max_steps": 15, "check_every": 2, "seed": 4,
+    },
+    "cnn-bn-two-phase-adam": {
+        "model_fn": tiny_cnn, "protocol": "two-phase", "sizes": {"fraction": 0.4}, "optimizer": "adam", "lr": 0.02, "momentum": 0.0,
+        "weight_decay": 0.0, "opt_fn": lambda p: torch.optim.Adam(p, lr=0.02), "reset_optimizer": False,
+        "batch_size": 16, "threshold": 0.6, "max_steps": 12, "check_every": 3, "seed": 2,
+    },
+}
+REFERENCE_ARMS = [Arm("cold", "cold"), Arm("warm", "warm"), Arm.shrink_perturb(0.5, 0.1)]
+
+
+@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
+def test_study_matches_members_trained_one_at_a_time(case: str) -> None:
+    """Every member's weights, steps, stops and metrics equal a torch.optim loop over that member alone."""
+    cfg = REFERENCE_CASES[case]
+    train, test = toy_data()
+    result = run_study(
+        cfg["model_fn"], train, test, protocol=cfg["protocol"], arms=REFERENCE_ARMS, replicates=2, optimizer=cfg["optimizer"],
+        lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], batch_size=cfg["batch_size"],
+        threshold=cfg["threshold"], max_steps=cfg["max_steps"], check_every=cfg["check_every"],
+        reset_optimizer=cfg["reset_optimizer"], seed=cfg["seed"], **cfg["sizes"],
+    )
+    assert result.population is not None
+    stopped_early = 0
+    for i, a in enumerate(result.member_arm):
+        model, rows = reference_member(cfg["model_fn"], train, test, REFERENCE_ARMS[a], i % 2, cfg)
+        assert_member_equals(result.population, i, model, rtol=1e-4, atol=1e-5)
+        for record, row in zip(result.phases, rows, strict=True):
+            assert record.steps[i] == row["steps"] and record.reached[i] == row["reached"], (i, record.phase)
+            stopped_early += 0 < row["steps"] < cfg["max_steps"]
+            for name in ("train_accuracy", "test_accuracy", "test_loss", "grad_norm"):
+                assert getattr(record, name)[i] == pytest.approx(row[name], rel=1e-4, nan_ok=True), (i, record.phase, name)
+    assert stopped_early > 0, "some member should stop at the threshold before max_steps"
+
+
+def arm_outcome(result: Any, arm: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """One arm's records (wall times aside, as exact text) and weights."""
+    a = [x.name for x in result.arms].index(arm)
+    members = result.arm_members(a)
+    records = [{k: [v[i] for i in members] for k, v in asdict(p).items() if isinstance(v, list) and k != "time_s"} for p in result.phases]
+    return json.dumps(records), {k: v[members] for k, v in stacks(result.population).items()}
+
+
+@pytest.mark.parametrize("model_fn, threshold", [(tiny_mlp, 0.85), (tiny_cnn, 0.6)], ids=["mlp", "cnn_bn"])
+def test_an_arm_does_not_depend_on_the_arms_beside_it(model_fn: Any, threshold: float) -> None:
+    """Seeds follow (replicate, phase), not positions: each arm alone, or in another order, gives the same numbers."""
+    train, test = toy_data()
+    arms = [Arm("cold", "cold"), Arm("warm", "warm"), Arm.shrink_perturb(0.5, 0.1), Arm.shrink_perturb(0.3, 0.1)]
+
+    def study(arms: list[Arm]) -> Any:
+        return run_study(
+            model_fn, train, test, protocol="online", arms=arms, replicates=2, optimizer="adam", lr=0.02, batch_size=16,
+            threshold=threshold, max_steps=12, check_every=3, chunk_size=32, seed=3,
+        )
+
+    together, reversed_order = study(arms), study(arms[::-1])
+    for arm in arms:
+        expected = arm_outcome(together, arm.name)
+        for other in (study([arm]), reversed_order):
+            records, weights = arm_outcome(other, arm.name)
+            assert records == expected[0], arm.name
+            assert all(torch.equal(weights[k], expected[1][k]) for k in weights), arm.name
+
+
+# --------------------------------------------------------------------------- checkpoints and resume
+RESUME_CASES = {
+    "mlp-online": {
+        "model_fn": tiny_mlp_dropout, "protocol": "online", "chunk_size": 32, "optimizer": "adam", "lr": 0.02, "threshold": 0.85,
+        "max_steps": 12, "check_every": 3, "seed": 1,
+    },
+    "cnn-bn-two-phase": {
+        "model_fn": tiny_cnn, "protocol": "two-phase", "fraction": 0.4, "optimizer": "adam", "lr": 0.02, "threshold": 0.6,
+        "max_steps": 12, "check_every": 3, "seed": 2, "reset_optimizer": False,
+    },
+}
+
+
+def run_case(case: str, **kwargs: Any) -> Any:
+    cfg = {**RESUME_CASES[case], **kwargs}
+    train, test = toy_data()
+    return run_study(cfg.pop("model_fn"), train, test, arms=REFERENCE_ARMS, replicates=2, batch_size=16, **cfg)
+
+
+def outcome(result: Any) -> tuple[str, dict[str, torch.Tensor]]:
+    """The records but wall times, as exact text (floats round-trip; NaN == NaN), and the weights."""
+    records = [{k: v for k, v in asdict(p).items() if k not in ("time_s", "wall_time_s")} for p in result.phases]
+    return json.dumps(records), stacks(result.population)
+
+
+def assert_same_outcome(a: Any, b: Any) -> None:
+    (records_a, weights_a), (records_b, weights_b) = outcome(a), outcome(b)
+    assert records_a == records_b
+    assert weights_a.keys() == weights_b.keys()
+    for k in weights_a:
+        assert torch.equal(weights_a[k], weights_b[k]), k
+
+
+Point = dict[str, Any]
+
+
+def where(state: dict[str, Any], earlier: list[Point]) -> Point:
+    """Where a study checkpoint was taken: phase, step in the phase, the active mask, and whether it is
+    the phase's closing checkpoint (a second one at the same step, written when the phase's fit ends)."""
+    step = state["counters"]["global_step"]
+    active = state["state"]["active"].tolist()
+    return {"phase": state["policy"]["phase"], "t": step - state["policy"]["start"], "step": step, "active": active,
+            "closing": any(p["step"] == step for p in earlier)}
+
+
+def interrupt_at(monkeypatch: pytest.MonkeyPatch, stop: Callable[[Point], bool]) -> list[Point]:
+    """Simulate Ctrl-C right after the first checkpoint for which ``stop`` holds is written."""
+    original = PopulationTrainer.save_checkpoint
+    seen: list[Point] = []
+
+    def save_then_interrupt(self: PopulationTrainer, path: Any) -> None:
+        original(self, path)
+        seen.append(where(torch.load(path, weights_only=True), seen))
+        if stop(seen[-1]):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PopulationTrainer, "save_checkpoint", save_then_interrupt)
+    return seen
+
+
+KILL_POINTS: dict[str, Callable[[Point], bool]] = {
+    "mid-phase, some members frozen": lambda p: 0 < sum(p["active"]) < len(p["active"]),
+    "phase 0's closing checkpoint": lambda p: p["phase"] == 0 and p["closing"],
+    "phase 1's first decision, after the boundary transforms": lambda p: p["phase"] == 1 and p["t"] == 0,
+    "last phase, mid-phase": lambda p: p["phase"] == p["last"] and 0 < p["t"] < 12,
+    "the finished study": lambda p: p["phase"] == p["last"] and p["closing"],
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted() -> dict[str, Any]:
+    return {case: run_case(case) for case in RESUME_CASES}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_killed_and_resumed_study_equals_uninterrupted(
+    case: str, point: str, uninterrupted: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    last = len(uninterrupted[case].phases) - 1
+    with monkeypatch.context() as m:
+        seen = interrupt_at(m, lambda p: KILL_POINTS[point]({**p, "last": last}))
+        with pytest.raises(KeyboardInterrupt):
+            run_case(case, run_dir=tmp_path)
+    assert KILL_POINTS[point]({**seen[-1], "last": last})
+    assert_same_outcome(run_case(case, run_dir=tmp_path, resume=True), uninterrupted[case])
+
+
+def test_resume_twice_and_from_nothing(uninterrupted: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed mid-phase, resumed and killed again at the next phase's start, resumed to the end; an empty
+    run_dir starts over."""
+    run_dir = tmp_path / "twice"
+    with monkeypatch.context() as m:
+        interrupt_at(m, lambda p: p["phase"] == 1 and p["t"] == 3)
+        with pytest.raises(KeyboardInterrupt):
+            run_case("mlp-online", run_dir=run_dir)
+    with monkeypatch.context() as m:
+        seen = interrupt_at(m, lambda p: p["phase"] == 2 and p["t"] == 0)
+        with pytest.raises(KeyboardInterrupt):
+            run_case("mlp-online", run_dir=run_dir, resume=True)
+    assert seen[0]["phase"] == 1 and seen[0]["t"] > 3  # the second run continued phase 1, it did not restart it
+    assert_same_outcome(run_case("mlp-online", run_dir=run_dir, resume=True), uninterrupted["mlp-online"])
+    caller = torch.get_rng_state()
+    assert_same_outcome(run_case("mlp-online", run_dir=tmp_path / "empty", resume=True), uninterrupted["mlp-online"])
+    assert torch.equal(torch.get_rng_state(), caller)  # dropout drew from the study's own seeded stream
+
+
+def test_resume_refuses_another_study(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="resume=True needs run_dir"):
+        run_case("mlp-online", resume=True)
+    run_case("mlp-online", run_dir=tmp_path)
+    with pytest.raises(ValueError, match="another study .*settings differ: lr"):
+        run_case("mlp-online", run_dir=tmp_path, resume=True, lr=0.03)
+    torch.save({"policy": None}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="is not a warm-start study's checkpoint"):
+        run_case("mlp-online", run_dir=tmp_path, resume=True)

@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import inspect
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -40,7 +39,7 @@ from popvec.plots import MissingMatplotlib
 
 __all__ = [
     "CONFIG_NAME", "Command", "Parser", "UsageError", "add_command", "check_batch_size", "config_for", "device_of", "interrupted_line",
-    "load_data", "one_line", "optimizer_factory", "refuse_existing_run", "resolve_device", "run_dir_kwargs", "run_folder",
+    "load_data", "one_line", "optimizer_factory", "refuse_existing_run", "resolve_device", "run_folder",
     "save_plots", "with_run_folder",
 ]
 
@@ -150,23 +149,6 @@ def run_folder(config: Any, resume: bool = False) -> Iterator[Path]:
             if created:
                 folder.rmdir()
         raise
-
-
-def run_dir_kwargs(fn: Callable[..., Any], folder: Path, resume: bool, console: Console) -> dict[str, Any]:
-    """``run_dir=folder, resume=resume`` for library function ``fn``, those of the two it takes.
-
-    The commands then run on library versions with and without checkpointing; asked to resume
-    where ``fn`` cannot, the run starts over (and says so).
-    """
-    params = inspect.signature(fn).parameters
-    kwargs: dict[str, Any] = {}
-    if "run_dir" in params:
-        kwargs["run_dir"] = folder
-    if "resume" in params:
-        kwargs["resume"] = resume
-    elif resume:
-        console.print(f"{fn.__name__}() cannot resume a run: starting over in {folder} from its {CONFIG_NAME}")
-    return kwargs
 
 
 def save_plots(console: Console, jobs: Iterable[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:

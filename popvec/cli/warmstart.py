@@ -151,7 +151,7 @@ def run(config: WarmstartConfig, console: Console, resume: bool = False) -> int:
                     check_every=config.check_every, fraction=config.fraction, chunk_size=config.chunk_size, chunks=config.chunks,
                     reset_optimizer=not config.keep_optimizer_state, seed=config.seed, device=device,
                     on_phase_start=on_phase_start, on_step=on_step, on_phase_end=on_phase_end,
-                    **common.run_dir_kwargs(run_study, out, resume, console),
+                    run_dir=out, resume=resume,
                 )
             except ValueError as err:  # settings that do not fit the data (e.g. --chunk-size larger than the set)
                 raise common.UsageError(common.one_line(err)) from None

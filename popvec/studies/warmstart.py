@@ -17,12 +17,24 @@ frozen by the step mask while the others continue. At a phase boundary:
   noise from a fresh initialization of ``model_fn``);
 - **cold** members are re-initialized (``model_fn`` with fresh seeds, BatchNorm statistics too).
 
+Seeds follow the member's identity, not its position: replicate r of every arm starts from
+``torch.manual_seed(seed + r); model_fn()`` and phase p's fresh initialization of replicate r
+(a cold member's new weights, a shrink-perturb member's noise) is seeded with
+``seed + r + 2**32 * p`` (:func:`draw_seed`), so an arm's results do not depend on the other arms.
+
 With ``reset_optimizer=True`` (default) every member starts a phase with fresh optimizer state
 (as a new training run from those weights would); otherwise only cold members' state is reset.
 
 Recorded per member and phase: training accuracy (on the phase's data), test loss and accuracy,
 steps taken (= steps to the threshold when ``reached``), mean gradient norm over those steps and
 the wall time the stack ran until the member stopped.
+
+The study trains through the library's one loop: one :class:`~popvec.trainer.PopulationTrainer`
+for the whole study, one ``fit`` per phase under a :class:`ThresholdStop` policy (whose decisions
+freeze the members that are done), and a :class:`PhaseRecorder` callback that keeps the records.
+With ``run_dir`` the trainer checkpoints at every decision and at the end of every phase; the
+policy's state holds the phase in progress and the recorder's the finished phases' records, so
+``resume=True`` continues a killed study to the same weights and records.
 """
 
 from __future__ import annotations
@@ -31,25 +43,33 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from popvec import checks, optim
+from popvec.callbacks import Callback
+from popvec.checkpoint import load_checkpoint
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
-from popvec.engine import TrainStep, evaluate
 from popvec.population import Population
+from popvec.selection import Decision, MetricsTable
+from popvec.trainer import CHECKPOINT_NAME, PopulationTrainer
 
 __all__ = [
     "ARM_KINDS",
     "PROTOCOLS",
     "Arm",
     "PhaseRecord",
+    "PhaseRecorder",
+    "ThresholdStop",
     "WarmStartResult",
     "default_arms",
+    "draw_seed",
     "phase_sizes",
+    "reached_threshold",
     "run_study",
 ]
 
@@ -203,21 +223,297 @@ def build_optimizer(
 ) -> optim.PopulationOptimizer:
     """The study's optimizer. ``max_grad_norm=inf`` clips nothing but returns each member's gradient norm."""
     checks.choice("optimizer", name, OPTIMIZER_NAMES)
-    extra = {"momentum": momentum} if name == "sgd" else {}
-    return optim.make(name, population, lr=lr, weight_decay=weight_decay, max_grad_norm=math.inf, **extra)
+    if name == "sgd":
+        return optim.make(name, population, lr=lr, momentum=momentum, weight_decay=weight_decay, max_grad_norm=math.inf)
+    return optim.make(name, population, lr=lr, weight_decay=weight_decay, max_grad_norm=math.inf)
+
+
+def reached_threshold(accuracy: Tensor | Sequence[float], threshold: float) -> list[bool]:
+    """Which members' ``accuracy`` is >= ``threshold``, compared in float32 (the dtype evaluate returns).
+
+    One comparison for the stopping rule and the phase records, so the two never disagree (a
+    float32 accuracy such as 0.9 compares differently with a Python float than with its float32).
+    """
+    return (torch.as_tensor(accuracy, dtype=torch.float32).cpu() >= threshold).tolist()
+
+
+@dataclass
+class ThresholdStop:
+    """One phase's stopping rule as a selection policy: train until the threshold or ``max_steps``.
+
+    Decides at the phase's first global step ``start`` and every ``check_every`` steps after it,
+    and at ``start + max_steps``. It keeps every member (never eliminates) and answers which stay
+    active: a member stops, and is frozen by the step mask for the rest of the phase, once its
+    ``val_accuracy`` (the study evaluates on the phase's training data) reaches ``threshold`` or
+    the phase reaches ``max_steps``. ``phase`` (the phase index) travels with the state, so a
+    resumed study knows which phase it was in.
+    """
+
+    threshold: float
+    check_every: int
+    max_steps: int
+    start: int = 0
+    phase: int = 0
+    #: the global step of the last decision (a policy may decide at the current step only once)
+    decided: int | None = None
+    #: each member's answer at the last decision (None before the first one)
+    active: list[bool] | None = None
+
+    def _is_check(self, t: int) -> bool:
+        return 0 <= t <= self.max_steps and (t % self.check_every == 0 or t == self.max_steps)
+
+    def next_decision(self, step: int, n: int) -> int | None:
+        t = step - self.start
+        if self.decided != step and self._is_check(t):
+            return step
+        if t >= self.max_steps:
+            return None
+        return self.start + min((t // self.check_every + 1) * self.check_every, self.max_steps)
+
+    def decide(self, table: MetricsTable) -> Decision:
+        at_cap = table.step - self.start >= self.max_steps
+        was = self.active if self.active is not None else [True] * len(table)
+        reached = reached_threshold(table.columns["val_accuracy"], self.threshold)
+        self.active = [a and not (r or at_cap) for a, r in zip(was, reached)]
+        self.decided = table.step
+        return Decision(keep=list(range(len(table))), active=list(self.active))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "phase": self.phase, "decided": self.decided, "active": self.active}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.start, self.phase = int(state["start"]), int(state["phase"])
+        self.decided = None if state["decided"] is None else int(state["decided"])
+        self.active = None if state["active"] is None else [bool(a) for a in state["active"]]
+
+
+class PhaseRecorder(Callback):
+    """Keeps the per-member records of the phase in progress and the finished phases' :class:`PhaseRecord`.
+
+    Per member: steps taken (the steps its mask was True), the sum of its gradient norms over those
+    steps (``trainer.last_grad_norm``) and the study clock when it stopped. ``on_step(phase, step,
+    active, population)`` (``step`` counted from the phase's start) is called after every step.
+    ``state_dict`` holds everything, with the study's ``config``: a resumed study continues the
+    records exactly (the clock continues from where it was saved) and refuses another study's state.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any] | None = None,
+        on_step: Callable[[int, int, Tensor, Population], None] | None = None,
+    ) -> None:
+        self.config = dict(config or {})
+        self.on_step_fn = on_step
+        self.phases: list[PhaseRecord] = []
+        self.policy: ThresholdStop | None = None
+        self._origin = time.perf_counter()
+        self._reset(0)
+
+    def clock(self) -> float:
+        """Seconds the study has run (across resumes)."""
+        return time.perf_counter() - self._origin
+
+    def begin_phase(self, policy: ThresholdStop, n: int) -> None:
+        """Start the records of the phase ``policy`` stops (``n`` members, all active)."""
+        self.policy = policy
+        self._reset(n)
+
+    def _reset(self, n: int) -> None:
+        self.steps = torch.zeros(n, dtype=torch.long)
+        self.grad_sum = torch.zeros(n, dtype=torch.float64)
+        self.stopped_at = torch.full((n,), math.nan, dtype=torch.float64)
+        self.active = torch.ones(n, dtype=torch.bool)
+        self.phase_started = self.clock()
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: PopulationTrainer, steps: int) -> None:
+        self._note_stops(trainer)  # a resumed checkpoint was taken right after a decision
+
+    def on_step(self, trainer: PopulationTrainer, losses: Any) -> None:
+        active = _active_mask(trainer)
+        norms = trainer.last_grad_norm
+        if norms is not None:
+            self.grad_sum += torch.where(active, norms.detach().cpu().double(), torch.zeros((), dtype=torch.float64))
+        self.steps += active.long()
+        if self.on_step_fn is not None:
+            assert self.policy is not None
+            self.on_step_fn(self.policy.phase, trainer.global_step - self.policy.start, active, trainer.population)
+
+    def on_round(self, trainer: PopulationTrainer, record: dict[str, Any]) -> None:
+        self._note_stops(trainer)
+
+    def on_fit_end(self, trainer: PopulationTrainer) -> None:
+        self._note_stops(trainer)
+
+    def _note_stops(self, trainer: PopulationTrainer) -> None:
+        """Members that stopped since the last look get the phase's clock as their stop time."""
+        active = _active_mask(trainer)
+        self.stopped_at[self.active & ~active] = self.clock() - self.phase_started
+        self.active = active
+
+    # ------------------------------------------------------------------ the phase's record
+    def end_phase(self, trainer: PopulationTrainer, split: TensorSplit, test: TensorSplit) -> PhaseRecord:
+        """Evaluate on the phase's data and the test set; the phase's record, appended to ``phases``."""
+        assert self.policy is not None
+        train_metrics = trainer.evaluate(split)
+        test_metrics = trainer.evaluate(test)
+        mean_norm = torch.where(self.steps > 0, self.grad_sum / self.steps.clamp(min=1), torch.full_like(self.grad_sum, math.nan))
+        record = PhaseRecord(
+            phase=self.policy.phase,
+            samples=len(split),
+            train_accuracy=train_metrics["accuracy"].tolist(),
+            test_accuracy=test_metrics["accuracy"].tolist(),
+            test_loss=test_metrics["loss"].tolist(),
+            steps=self.steps.tolist(),
+            reached=reached_threshold(train_metrics["accuracy"], self.policy.threshold),
+            grad_norm=mean_norm.tolist(),
+            time_s=self.stopped_at.tolist(),
+            wall_time_s=self.clock() - self.phase_started,
+        )
+        self.phases.append(record)
+        return record
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "phases": [asdict(p) for p in self.phases],
+            "steps": self.steps.clone(),
+            "grad_sum": self.grad_sum.clone(),
+            "stopped_at": self.stopped_at.clone(),
+            "active": self.active.clone(),
+            "phase_started": self.phase_started,
+            "clock": self.clock(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["config"] != self.config:
+            differ = sorted(k for k in {*state["config"], *self.config} if state["config"].get(k) != self.config.get(k))
+            raise ValueError(f"the checkpoint belongs to another study (settings differ: {', '.join(differ)})")
+        self.phases = [PhaseRecord(**p) for p in state["phases"]]
+        self.steps, self.grad_sum = state["steps"].clone(), state["grad_sum"].clone()
+        self.stopped_at, self.active = state["stopped_at"].clone(), state["active"].clone()
+        self.phase_started = float(state["phase_started"])
+        self._origin = time.perf_counter() - float(state["clock"])
+
+
+def _active_mask(trainer: PopulationTrainer) -> Tensor:
+    """A CPU copy of the trainer's step mask (all True while it has none)."""
+    active = trainer.state.active
+    return torch.ones(trainer.population.n, dtype=torch.bool) if active is None else active.to("cpu", copy=True)
+
+
+#: Seeds of different phases lie this far apart (replicate r of phase p: ``seed + r + SEED_STRIDE * p``).
+SEED_STRIDE = 2**32
+
+
+def draw_seed(seed: int, replicate: int, phase: int) -> int:
+    """The seed of replicate ``replicate``'s fresh initialization for phase ``phase``: ``seed + replicate + 2**32 * phase``.
+
+    Phase 0's draw is the initialization every arm's replicate ``replicate`` starts from; phase
+    ``p >= 1``'s is what a cold member is re-initialized to, and a shrink-perturb member's noise, at
+    the start of phase ``p`` (``torch.manual_seed(draw_seed(...)); model_fn()``). A draw depends on
+    the member's replicate and the phase only, never on its arm or position in the stack: an arm's
+    numbers are the same whichever arms run beside it (and in whatever order), and the arms of one
+    replicate share their draws (common random numbers), so they differ only in what they do at
+    the phase boundaries. Distinct for every (replicate, phase) pair while replicates < 2**32.
+    """
+    return seed + replicate + SEED_STRIDE * phase
+
+
+def _draws(model_fn: Callable[[], nn.Module], replicates: int, seed: int, phase: int, device: torch.device) -> Population:
+    """Phase ``phase``'s fresh initialization of every replicate: member r seeded with ``draw_seed(seed, r, phase)``."""
+    return Population.from_factory(model_fn, replicates, draw_seed(seed, 0, phase), device)
+
+
+@dataclass(frozen=True)
+class _Members:
+    """The stack's layout: members ``[a * replicates, (a + 1) * replicates)`` are arm ``a``'s replicates in order."""
+
+    arms: list[Arm]
+    replicates: int
+
+    @property
+    def n(self) -> int:
+        return len(self.arms) * self.replicates
+
+    @property
+    def member_arm(self) -> list[int]:
+        return [a for a in range(len(self.arms)) for _ in range(self.replicates)]
+
+    @property
+    def replicate(self) -> list[int]:
+        """Each member's replicate."""
+        return [r for _ in self.arms for r in range(self.replicates)]
+
+    def of_arm(self, arm: int) -> list[int]:
+        """Arm ``arm``'s positions, replicate 0 first."""
+        return list(range(arm * self.replicates, (arm + 1) * self.replicates))
+
+    def of_kind(self, kind: str) -> list[int]:
+        return [i for a, arm in enumerate(self.arms) if arm.kind == kind for i in self.of_arm(a)]
+
+
+def _initial_population(model_fn: Callable[[], nn.Module], members: _Members, seed: int, device: torch.device) -> Population:
+    """Phase 0's draws, one per replicate, copied to every arm (ids ``0 .. n - 1`` by position)."""
+    population = _draws(model_fn, members.replicates, seed, 0, device).take(members.replicate)
+    population.ids = torch.arange(members.n)
+    return population
 
 
 @torch.no_grad()
-def _reinitialize(population: Population, members: list[int], model_fn: Callable[[], nn.Module], seed: int) -> None:
-    """Overwrite ``members`` (positions) with fresh initializations: member i gets ``seed + i``."""
-    if not members:
-        return
-    fresh = Population.from_factory(model_fn, population.n, seed, population.device)
-    index = torch.tensor(members, device=population.device)
+def _overwrite(population: Population, positions: list[int], source: Population) -> None:
+    """Copy ``source``'s members (parameters and buffers) into ``positions``, one each, in order."""
+    index = torch.tensor(positions, device=population.device)
     for kind in ("params", "buffers"):
-        mine, theirs = getattr(population, kind), getattr(fresh, kind)
+        mine, theirs = getattr(population, kind), getattr(source, kind)
         for k, v in mine.items():
-            v.index_copy_(0, index, theirs[k].index_select(0, index).to(v.dtype))
+            v.index_copy_(0, index, theirs[k].to(v.device, v.dtype))
+
+
+def _phase_boundary(
+    population: Population,
+    optimizer: optim.PopulationOptimizer,
+    members: _Members,
+    model_fn: Callable[[], nn.Module],
+    phase: int,
+    seed: int,
+    reset_optimizer: bool,
+) -> None:
+    """Before phase ``phase`` > 0: re-initialize cold members, shrink-perturb, reset optimizer state.
+
+    Both random transforms use the phase's draws (:func:`draw_seed`): a cold replicate becomes
+    its draw (BatchNorm statistics too), a shrink-perturb replicate ``lam * w + sigma * draw``.
+    """
+    for a, arm in enumerate(members.arms):
+        positions = members.of_arm(a)
+        if arm.kind == "cold":
+            _overwrite(population, positions, _draws(model_fn, members.replicates, seed, phase, population.device))
+        elif arm.kind == "shrink_perturb":
+            # shrink_perturb draws member r's noise with seed + r: on the arm alone, that is draw_seed(seed, r, phase).
+            mine = population.take(positions).shrink_perturb(arm.lam, arm.sigma, seed=draw_seed(seed, 0, phase), model_fn=model_fn)
+            _overwrite(population, positions, mine)
+    cold = members.of_kind("cold")
+    if reset_optimizer:
+        optimizer.reset_state(list(range(members.n)))
+    elif cold:
+        optimizer.reset_state(cold)
+
+
+def _restore(trainer: PopulationTrainer, path: Path, policy: ThresholdStop) -> ThresholdStop | None:
+    """Load ``path`` into ``trainer``; ``policy`` set to the phase in progress, or None without a checkpoint.
+
+    The rest of the study's state (the recorder's, the policy's decisions) is applied by ``fit``.
+    """
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path, map_location=trainer.population.device)
+    saved = state.get("policy")
+    if not isinstance(saved, dict) or set(saved) != set(policy.state_dict()):
+        raise ValueError(f"{path} is not a warm-start study's checkpoint")
+    trainer.load_state_dict(state)
+    policy.load_state_dict(saved)
+    return policy
 
 
 def run_study(
@@ -244,14 +540,26 @@ def run_study(
     on_phase_start: Callable[[int, int, Population], None] | None = None,
     on_step: Callable[[int, int, Tensor, Population], None] | None = None,
     on_phase_end: Callable[[PhaseRecord], None] | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> WarmStartResult:
-    """Run a warm-starting study; every arm has ``replicates`` members (seeds ``seed + i``).
+    """Run a warm-starting study; every arm has ``replicates`` members.
 
-    Members ``[a * replicates, (a + 1) * replicates)`` belong to arm ``a``. Callbacks:
+    Members ``[a * replicates, (a + 1) * replicates)`` belong to arm ``a``, replicate 0 first.
+    Replicate r of every arm starts from ``torch.manual_seed(seed + r); model_fn()``, and every
+    later random draw is a function of the replicate and the phase only (:func:`draw_seed`).
+    Each phase is one ``PopulationTrainer.fit`` (one trainer for the whole study) under a
+    :class:`ThresholdStop` policy; a :class:`PhaseRecorder` keeps the records. Callbacks:
     ``on_phase_start(phase, samples, population)`` after the phase-boundary transforms,
     ``on_step(phase, step, active, population)`` after each stack step (``active``: the ``[N]``
     bool mask that step used), ``on_phase_end(record)``. The trained population ends up in
-    ``result.population``.
+    ``result.population``. Dropout masks are drawn from the global RNG seeded with ``seed`` (the
+    caller's RNG state is restored afterwards), so a study is reproducible from its arguments.
+
+    ``run_dir``: write a checkpoint there (``checkpoint.pt``) at every decision and at the end of
+    every phase. ``resume=True`` continues from ``run_dir``'s checkpoint (or starts over when
+    there is none) to the same weights and records (wall times aside) as an uninterrupted run; the
+    checkpoint must come from a study with the same settings.
     """
     arms = list(default_arms() if arms is None else arms)
     if not arms:
@@ -263,20 +571,14 @@ def run_study(
     checks.unit_interval("threshold", threshold, low_open=True)
     if not isinstance(train, TensorSplit) or not isinstance(test, TensorSplit):
         raise TypeError("train and test must be TensorSplit instances (popvec.data.load_dataset(...).train)")
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs run_dir")
     sizes = phase_sizes(protocol, len(train), fraction, chunk_size, chunks)
     device = torch.device(device) if device is not None else train.x.device
+    members = _Members(arms, replicates)
+    n = members.n
 
-    member_arm = [a for a in range(len(arms)) for _ in range(replicates)]
-    n = len(member_arm)
-    kinds = [arms[a].kind for a in member_arm]
-    cold = [i for i, k in enumerate(kinds) if k == "cold"]
-    sp = [i for i, k in enumerate(kinds) if k == "shrink_perturb"]
-    lam = [arms[a].lam if arms[a].kind == "shrink_perturb" else 1.0 for a in member_arm]
-    sigma = [arms[a].sigma if arms[a].kind == "shrink_perturb" else 0.0 for a in member_arm]
-
-    pop = Population.from_factory(model_fn, n, seed, device)
-    opt = build_optimizer(pop, optimizer, lr, momentum, weight_decay)
-    step_fn = TrainStep(pop, opt)
+    pop = _initial_population(model_fn, members, seed, device)
     train, test = train.to(device), test.to(device)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train), generator=generator).to(device)
@@ -284,7 +586,7 @@ def run_study(
     result = WarmStartResult(
         protocol,
         arms,
-        member_arm,
+        members.member_arm,
         config={
             "protocol": protocol, "replicates": replicates, "optimizer": optimizer, "lr": lr, "momentum": momentum,
             "weight_decay": weight_decay, "batch_size": batch_size, "threshold": threshold, "max_steps": max_steps,
@@ -292,81 +594,43 @@ def run_study(
             "train_samples": len(train), "test_samples": len(test),
         },
     )
-    started = time.perf_counter()
-    for phase, size in enumerate(sizes):
-        if phase > 0:
-            # Fresh seeds for every phase's cold members and noise: seed + phase * n + i never repeats.
-            _reinitialize(pop, cold, model_fn, seed + phase * n)
-            if sp:
-                pop.shrink_perturb(lam, sigma, seed=seed + (len(sizes) + phase) * n, model_fn=model_fn)
-            if reset_optimizer:
-                opt.reset_state(list(range(n)))
-            elif cold:
-                opt.reset_state(cold)
-        if on_phase_start is not None:
-            on_phase_start(phase, size, pop)
-        idx = order[:size]
-        split = TensorSplit(train.x.index_select(0, idx), train.y.index_select(0, idx))
-        record = _train_phase(pop, step_fn, split, test, phase, batch_size, threshold, max_steps, check_every, seed, on_step)
-        result.phases.append(record)
-        if on_phase_end is not None:
-            on_phase_end(record)
-    result.wall_time_s = time.perf_counter() - started
+    recorder = PhaseRecorder({**result.config, "arms": [asdict(a) for a in arms]}, on_step)
+    opt = build_optimizer(pop, optimizer, lr, momentum, weight_decay)
+    trainer = PopulationTrainer(pop, opt, callbacks=[recorder])
+    checkpoint = Path(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
+
+    def new_policy(phase: int) -> ThresholdStop:
+        return ThresholdStop(threshold, check_every, max_steps, start=trainer.global_step, phase=phase)
+
+    # Dropout masks come from the global RNG: seed it from the study's seed (a resume restores the saved
+    # state), and give the caller its own state back afterwards.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        resumed = _restore(trainer, checkpoint, new_policy(0)) if resume and checkpoint is not None else None
+        for phase in range(resumed.phase if resumed is not None else 0, len(sizes)):
+            if resumed is not None and phase == resumed.phase:
+                policy = resumed  # the checkpoint was taken inside this phase, after its boundary transforms
+            else:
+                if phase > 0:
+                    _phase_boundary(pop, opt, members, model_fn, phase, seed, reset_optimizer)
+                trainer.state.active = None  # every member trains until the phase's first decision says otherwise
+                policy = new_policy(phase)
+            recorder.begin_phase(policy, n)  # when resuming, fit restores the checkpoint's records over these
+            if on_phase_start is not None:
+                on_phase_start(phase, sizes[phase], pop)
+            split = _phase_split(train, order, sizes[phase])
+            loader = DeviceLoader(split, min(batch_size, len(split)), seed=seed + phase)
+            trainer.fit(loader, split, policy.start + max_steps, policy, checkpoint_path=checkpoint)
+            record = recorder.end_phase(trainer, split, test)
+            if on_phase_end is not None:
+                on_phase_end(record)
+    result.phases = list(recorder.phases)
+    result.wall_time_s = recorder.clock()
     result.population = pop
     return result
 
 
-def _train_phase(
-    pop: Population,
-    step_fn: TrainStep,
-    split: TensorSplit,
-    test: TensorSplit,
-    phase: int,
-    batch_size: int,
-    threshold: float,
-    max_steps: int,
-    check_every: int,
-    seed: int,
-    on_step: Callable[[int, int, Tensor, Population], None] | None,
-) -> PhaseRecord:
-    """Train every member on ``split`` until it reaches ``threshold`` or ``max_steps``, each on its own."""
-    n = pop.n
-    loader = DeviceLoader(split, min(batch_size, len(split)), seed=seed + phase)
-    active = torch.ones(n, dtype=torch.bool)
-    steps = torch.zeros(n, dtype=torch.long)
-    grad_sum = torch.zeros(n, dtype=torch.float64)
-    stopped_at = torch.full((n,), math.nan, dtype=torch.float64)
-    started = time.perf_counter()
-    t = 0
-    while True:
-        if t % check_every == 0 or t == max_steps:
-            reached = evaluate(pop, split)["accuracy"].cpu() >= threshold
-            done = active & (reached | (t >= max_steps))
-            stopped_at[done] = time.perf_counter() - started
-            active &= ~done
-        if not bool(active.any()):
-            break
-        x, y = loader.next_batch()
-        step_fn(x, y, mask=active.to(pop.device))
-        norms = step_fn.last_grad_norm
-        if norms is not None:
-            grad_sum += torch.where(active, norms.detach().cpu().double(), torch.zeros((), dtype=torch.float64))
-        steps += active.long()
-        t += 1
-        if on_step is not None:
-            on_step(phase, t, active.clone(), pop)
-    train_metrics = evaluate(pop, split)
-    test_metrics = evaluate(pop, test)
-    mean_norm = torch.where(steps > 0, grad_sum / steps.clamp(min=1), torch.full_like(grad_sum, math.nan))
-    return PhaseRecord(
-        phase=phase,
-        samples=len(split),
-        train_accuracy=train_metrics["accuracy"].tolist(),
-        test_accuracy=test_metrics["accuracy"].tolist(),
-        test_loss=test_metrics["loss"].tolist(),
-        steps=steps.tolist(),
-        reached=(train_metrics["accuracy"].cpu() >= threshold).tolist(),
-        grad_norm=mean_norm.tolist(),
-        time_s=stopped_at.tolist(),
-        wall_time_s=time.perf_counter() - started,
-    )
+def _phase_split(train: TensorSplit, order: Tensor, size: int) -> TensorSplit:
+    """The phase's training data: the first ``size`` samples of the study's fixed permutation ``order``."""
+    idx = order[:size]
+    return TensorSplit(train.x.index_select(0, idx), train.y.index_select(0, idx))
