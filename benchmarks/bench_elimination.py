@@ -20,9 +20,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import environment, sync, write_report
 from rich.console import Console
 
-from common import environment, sync, write_report
 from popvec import MultipleInitializationsTrainer
 from popvec.data import load_dataset
 from popvec.loaders import DeviceLoader
@@ -122,9 +122,7 @@ def main() -> None:
         loop_times.append(seconds)
         pop_id, pop_model, seconds = run_popvec(args, data, device)
         popvec_times.append(seconds)
-    diffs = [
-        float((a - b).abs().max()) for a, b in zip(pop_model.state_dict().values(), loop_model.state_dict().values())
-    ]
+    diffs = [float((a - b).abs().max()) for a, b in zip(pop_model.state_dict().values(), loop_model.state_dict().values())]
     report = {
         "benchmark": "bench_elimination",
         **environment(device),

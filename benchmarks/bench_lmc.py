@@ -85,13 +85,22 @@ def main() -> None:
         a, b = model_fn().to(device), model_fn().to(device)
         loop = functools.partial(loop_curve, a, b, alphas, x, y, args.batch_size)
         vmapped = functools.partial(lmc.interpolate, a, b, (x, y), alphas, batch_size=args.batch_size)
-        chunked = functools.partial(lmc.interpolate, a, b, (x, y), alphas, batch_size=args.chunk_batch_size, member_chunk_size=args.member_chunk_size)
+        chunked = functools.partial(
+            lmc.interpolate, a, b, (x, y), alphas, batch_size=args.chunk_batch_size, member_chunk_size=args.member_chunk_size
+        )
         loop_s, pop_s, chunked_s = (median_seconds(fn, device, args.repeats) for fn in (loop, vmapped, chunked))
         diff = (chunked().loss - loop().cpu()).abs().max()
-        rows.append({
-            "model": name, "loop_s": loop_s, "popvec_s": pop_s, "popvec_chunked_s": chunked_s,
-            "speedup": loop_s / pop_s, "speedup_chunked": loop_s / chunked_s, "max_abs_loss_diff": float(diff),
-        })
+        rows.append(
+            {
+                "model": name,
+                "loop_s": loop_s,
+                "popvec_s": pop_s,
+                "popvec_chunked_s": chunked_s,
+                "speedup": loop_s / pop_s,
+                "speedup_chunked": loop_s / chunked_s,
+                "max_abs_loss_diff": float(diff),
+            }
+        )
     table = Table(title=f"{args.alphas}-alpha curve over {args.samples} samples on {device}")
     for column in rows[0]:
         table.add_column(column, justify="right")

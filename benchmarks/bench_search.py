@@ -14,13 +14,13 @@ import time
 from typing import Any
 
 import torch
+from common import environment, sync, write_report
 from rich.console import Console
 
-from common import environment, sync, write_report
 from popvec.data import load_dataset
 from popvec.loaders import DeviceLoader
-from popvec.search.hyperband import hyperband, hyperband_brackets
 from popvec.models import model_factory
+from popvec.search.hyperband import hyperband, hyperband_brackets
 from popvec.search.run import leaderboard, make_trainer
 from popvec.search.space import LogUniform, SearchSpace
 
@@ -54,19 +54,39 @@ def main() -> None:
         for label, brackets in (("hyperband", None), ("successive halving (1 bracket)", 1)):
             n = sum(b.n for b in hyperband_brackets(args.max_t, brackets=brackets))
             start = time.perf_counter()
-            result = hyperband(model_fn, SPACE, data.train, data.val, data.test, max_t=args.max_t, unit_steps=args.unit_steps,
-                               brackets=brackets, seed=seed, device=device, console=quiet, progress=False)
+            result = hyperband(
+                model_fn,
+                SPACE,
+                data.train,
+                data.val,
+                data.test,
+                max_t=args.max_t,
+                unit_steps=args.unit_steps,
+                brackets=brackets,
+                seed=seed,
+                device=device,
+                console=quiet,
+                progress=False,
+            )
             sync(device)
             wall = time.perf_counter() - start
             base = naive(model_fn, n, steps, data, seed, device)
             row = {
-                "seed": seed, "method": label, "members": n, "budget_steps": steps,
-                "member_steps": result.cost["member_steps"], "naive_member_steps": base["member_steps"],
+                "seed": seed,
+                "method": label,
+                "members": n,
+                "budget_steps": steps,
+                "member_steps": result.cost["member_steps"],
+                "naive_member_steps": base["member_steps"],
                 "fraction": result.cost["member_steps"] / base["member_steps"],
-                "wall_s": wall, "naive_wall_s": base["wall_time_s"],
-                "winner_lr": result.best["hparams"]["lr"], "winner_test_acc": result.best["test_accuracy"],
-                "naive_winner_lr": base["best"]["hparams"]["lr"], "naive_winner_test_acc": base["best"]["test_accuracy"],
-                "winner_val_loss": result.best["val_loss"], "naive_winner_val_loss": base["best"]["val_loss"],
+                "wall_s": wall,
+                "naive_wall_s": base["wall_time_s"],
+                "winner_lr": result.best["hparams"]["lr"],
+                "winner_test_acc": result.best["test_accuracy"],
+                "naive_winner_lr": base["best"]["hparams"]["lr"],
+                "naive_winner_test_acc": base["best"]["test_accuracy"],
+                "winner_val_loss": result.best["val_loss"],
+                "naive_winner_val_loss": base["best"]["val_loss"],
             }
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)

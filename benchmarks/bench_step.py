@@ -22,12 +22,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from common import environment, sync, write_report
 from rich.console import Console
 from rich.table import Table
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 import popvec
-from common import environment, sync, write_report
 from popvec import Population, PopulationTrainer
 from popvec.models import MLP, LeNet5
 
@@ -97,9 +97,7 @@ def popvec_step(
     models: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor, compile: bool = False, member_chunk_size: int | None = None
 ) -> Callable[[], None]:
     pop = Population.from_modules(models)
-    trainer = PopulationTrainer(
-        pop, popvec.optim.Adam(pop, lr=1e-3), compile=compile, progress=False, member_chunk_size=member_chunk_size
-    )
+    trainer = PopulationTrainer(pop, popvec.optim.Adam(pop, lr=1e-3), compile=compile, progress=False, member_chunk_size=member_chunk_size)
     return lambda: trainer.step(x, y)
 
 
@@ -153,8 +151,16 @@ def print_table(report: dict) -> None:
     for r in report["results"]:
         extra = [f"{r['popvec_chunked_vs_loop']:.2f}x"] if "popvec_chunked_vs_loop" in r else []
         table.add_row(
-            r["model"], str(r["n"]), f"{1e3 * r['loop_s']:.2f}", f"{1e3 * r['naive_s']:.2f}", f"{1e3 * r['popvec_s']:.2f}",
-            f"{r['popvec_member_steps_per_s']:.0f}", f"{r['popvec_vs_loop']:.2f}x", f"{r['popvec_vs_naive']:.2f}x", f"{r['naive_vs_loop']:.2f}x", *extra,
+            r["model"],
+            str(r["n"]),
+            f"{1e3 * r['loop_s']:.2f}",
+            f"{1e3 * r['naive_s']:.2f}",
+            f"{1e3 * r['popvec_s']:.2f}",
+            f"{r['popvec_member_steps_per_s']:.0f}",
+            f"{r['popvec_vs_loop']:.2f}x",
+            f"{r['popvec_vs_naive']:.2f}x",
+            f"{r['naive_vs_loop']:.2f}x",
+            *extra,
         )
     Console().print(table)
 

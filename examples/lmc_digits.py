@@ -19,8 +19,8 @@ from rich.console import Console
 import popvec
 from popvec import Population, lmc
 from popvec.data import load_dataset
-from popvec.loaders import DeviceLoader
 from popvec.engine import TrainStep
+from popvec.loaders import DeviceLoader
 from popvec.models import model_factory, required_image_size
 from popvec.report import leaderboard_table
 

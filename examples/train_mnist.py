@@ -15,8 +15,8 @@ from rich.console import Console
 from popvec import MultipleInitializationsTrainer, Population
 from popvec.cli import add_train_arguments, resolve_device
 from popvec.data import load_dataset
-from popvec.loaders import DeviceLoader
 from popvec.engine import evaluate
+from popvec.loaders import DeviceLoader
 from popvec.models import model_factory, required_image_size
 
 

@@ -9,12 +9,11 @@ ensembles) and :mod:`popvec.cli` (the ``popvec`` command).
 
 import sys as _sys
 
-from popvec import data, engine, loaders, models, optim, schedules, selection
+from popvec import data, engine, loaders, models, optim, schedules, search, selection, studies
 from popvec.population import Population
-from popvec.trainer import MultipleInitializationsTrainer, PopulationTrainer
-from popvec import search, studies
 from popvec.search import hyperband, pbt
 from popvec.studies import ensemble, lmc, warmstart
+from popvec.trainer import MultipleInitializationsTrainer, PopulationTrainer
 
 __all__ = [
     "MultipleInitializationsTrainer",

@@ -164,9 +164,7 @@ def optional_number(
     return None if value is None else _number(name, value, low, high, low_open, high_open, allow_inf, optional=True)
 
 
-def _number(
-    name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool, allow_inf: bool, optional: bool
-) -> float:
+def _number(name: str, value: Any, low: float, high: float, low_open: bool, high_open: bool, allow_inf: bool, optional: bool) -> float:
     _check_bounds(low, high)
     is_real = _is_real(value)
     if is_real:
@@ -283,7 +281,9 @@ def member_values(
     if values.shape != (n,):
         raise ValueError(f"{name} must be a float or have one value per member (length {n}), got shape {tuple(values.shape)}")
     if not bool(_member_ok(values, low, high, low_open, high_open, allow_inf).all()):
-        raise ValueError(f"{name} must be {_member_phrase(low, high, low_open, high_open, allow_inf)} for every member, got {values.tolist()}")
+        raise ValueError(
+            f"{name} must be {_member_phrase(low, high, low_open, high_open, allow_inf)} for every member, got {values.tolist()}"
+        )
     return values.to(device if device is not None else "cpu").clone()
 
 

@@ -38,6 +38,7 @@ _TORCHVISION_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
 
+
 # --------------------------------------------------------------------------- #
 # Containers
 # --------------------------------------------------------------------------- #
@@ -50,10 +51,7 @@ class TensorSplit:
 
     def __post_init__(self) -> None:
         if self.y.dim() != 1 or self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(
-                f"TensorSplit needs x [M, ...] and y [M]; got x {tuple(self.x.shape)}, "
-                f"y {tuple(self.y.shape)}"
-            )
+            raise ValueError(f"TensorSplit needs x [M, ...] and y [M]; got x {tuple(self.x.shape)}, y {tuple(self.y.shape)}")
 
     def __len__(self) -> int:
         return self.y.shape[0]
@@ -155,9 +153,7 @@ def _load_digits(image_size: int | None) -> DatasetSplits:
     )
 
 
-def _torchvision_split(
-    name: str, data_dir: Path, train: bool, download: bool
-) -> tuple[Tensor, Tensor]:
+def _torchvision_split(name: str, data_dir: Path, train: bool, download: bool) -> tuple[Tensor, Tensor]:
     """One official split as raw ``uint8 [M, C, H, W]`` images and ``int64 [M]`` labels."""
     import torchvision.datasets as tvd
 
@@ -177,9 +173,7 @@ def _torchvision_split(
     return images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64)
 
 
-def _load_torchvision(
-    name: str, data_dir: Path, download: bool, image_size: int | None, val_fraction: float
-) -> DatasetSplits:
+def _load_torchvision(name: str, data_dir: Path, download: bool, image_size: int | None, val_fraction: float) -> DatasetSplits:
     """MNIST / FashionMNIST / CIFAR-10 as normalized tensors with a seeded val split."""
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in _TORCHVISION_STATS[name])
 

@@ -59,9 +59,7 @@ def make_grad_fn(
         return vmap(
             grad_and_value(member_loss_kw), in_dims=(0, 0, 0, data_dim, data_dim, 0), randomness="different", chunk_size=member_chunk_size
         )
-    return vmap(
-        grad_and_value(member_loss), in_dims=(0, 0, 0, data_dim, data_dim), randomness="different", chunk_size=member_chunk_size
-    )
+    return vmap(grad_and_value(member_loss), in_dims=(0, 0, 0, data_dim, data_dim), randomness="different", chunk_size=member_chunk_size)
 
 
 class TrainStep:
@@ -172,8 +170,14 @@ class TrainStep:
         pop = self.population
         stacks = [*pop.params.values(), *pop.buffers.values()]
         return (
-            per_member, tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, tuple(pop.trainable),
-            tuple((t.data_ptr(), tuple(t.shape)) for t in stacks), self.optimizer.graph_key(),
+            per_member,
+            tuple(x.shape),
+            x.dtype,
+            tuple(y.shape),
+            y.dtype,
+            tuple(pop.trainable),
+            tuple((t.data_ptr(), tuple(t.shape)) for t in stacks),
+            self.optimizer.graph_key(),
             tuple((k, t.data_ptr(), tuple(t.shape)) for k, t in loss_hparams.items()),
         )
 

@@ -74,12 +74,8 @@ class DeviceLoader:
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
-        self.steps_per_epoch = (
-            num_samples // batch_size if drop_last else -(-num_samples // batch_size)
-        )
-        self.member_seeds: Tensor | None = (
-            None if num_members is None else seed + torch.arange(num_members, dtype=torch.int64)
-        )
+        self.steps_per_epoch = num_samples // batch_size if drop_last else -(-num_samples // batch_size)
+        self.member_seeds: Tensor | None = None if num_members is None else seed + torch.arange(num_members, dtype=torch.int64)
         self.epoch = 0
         self.position = 0
         self._order = self._make_order(self.epoch)
@@ -175,9 +171,7 @@ class DeviceLoader:
         pos = self._member_positions(positions, "positions", "reseed")
         new_seeds = checks.integers("seeds", seeds)
         if new_seeds.numel() != pos.numel():
-            raise ValueError(
-                f"seeds must have one entry per position; got {new_seeds.numel()} for {pos.numel()}"
-            )
+            raise ValueError(f"seeds must have one entry per position; got {new_seeds.numel()} for {pos.numel()}")
         if pos.unique().numel() != pos.numel():
             raise ValueError(f"positions must not repeat; got {pos.tolist()}")
         seen = self.position * self.batch_size
@@ -250,8 +244,7 @@ def iterate_batches(
         return zip(x.split(batch_size), y.split(batch_size))
     if isinstance(data, Tensor) or not isinstance(data, Iterable):
         raise TypeError(
-            f"data must be a TensorSplit, an (x, y) tuple of tensors or an iterable of "
-            f"(x, y) batches; got {type(data).__name__}"
+            f"data must be a TensorSplit, an (x, y) tuple of tensors or an iterable of (x, y) batches; got {type(data).__name__}"
         )
     return iter(data)  # type: ignore[arg-type]
 

@@ -221,9 +221,7 @@ def _check_name(name: str) -> None:
     checks.choice("model", name, MODEL_NAMES)
 
 
-def build_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any
-) -> nn.Module:
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs: Any) -> nn.Module:
     """Build model ``name`` for samples of shape ``input_shape`` (e.g. ``(1, 28, 28)`` or ``(64,)``).
 
     Extra ``kwargs`` go to the model constructor (e.g. ``hidden``/``dropout`` for ``mlp``).
@@ -242,9 +240,7 @@ def build_model(
     return ResNet18(input_shape[0], num_classes, **kwargs)
 
 
-def model_factory(
-    name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs: object
-) -> Callable[[], nn.Module]:
+def model_factory(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs: object) -> Callable[[], nn.Module]:
     """Picklable zero-argument callable that builds a fresh ``build_model(name, ...)`` each call."""
     _check_name(name)
     return functools.partial(build_model, name, tuple(input_shape), num_classes, **kwargs)

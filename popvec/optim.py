@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from popvec import checks
-from popvec.schedules import Schedule
 from popvec.population import IndexLike, Population, as_index, as_mask
+from popvec.schedules import Schedule
 
 __all__ = [
     "Optimizer",
@@ -280,8 +280,14 @@ class PopulationOptimizer:
         """Everything on the host that shapes the kernels of the next step (for CUDA-graph reuse)."""
         tensors = [*self.hparams.values(), self.steps, *(t for d in self.state.values() for t in d.values())]
         first = self._shared_step == 0
-        return (self.fused_now(), tuple(sorted(self._shared.items())), self._any_weight_decay, first, id(self.schedule),
-                tuple((t.data_ptr(), tuple(t.shape)) for t in tensors))
+        return (
+            self.fused_now(),
+            tuple(sorted(self._shared.items())),
+            self._any_weight_decay,
+            first,
+            id(self.schedule),
+            tuple((t.data_ptr(), tuple(t.shape)) for t in tensors),
+        )
 
     def _apply(self, params: list[Tensor], directions: list[Tensor], lr: Tensor) -> None:
         for p, d in zip(params, directions):
@@ -338,7 +344,10 @@ class SGD(PopulationOptimizer):
     state_names = ("momentum_buffer",)
     shared_for_fused = ("momentum", "dampening")
     hparam_ranges: ClassVar[dict[str, dict[str, Any]]] = {
-        **PopulationOptimizer.hparam_ranges, "momentum": _NONNEGATIVE, "dampening": _NONNEGATIVE, "weight_decay": _NONNEGATIVE,
+        **PopulationOptimizer.hparam_ranges,
+        "momentum": _NONNEGATIVE,
+        "dampening": _NONNEGATIVE,
+        "weight_decay": _NONNEGATIVE,
     }
 
     def __init__(
@@ -398,7 +407,11 @@ class Adam(PopulationOptimizer):
     state_names = ("exp_avg", "exp_avg_sq")
     shared_for_fused = ("beta1", "beta2", "eps")
     hparam_ranges: ClassVar[dict[str, dict[str, Any]]] = {
-        **PopulationOptimizer.hparam_ranges, "beta1": _BETA, "beta2": _BETA, "eps": _NONNEGATIVE, "weight_decay": _NONNEGATIVE,
+        **PopulationOptimizer.hparam_ranges,
+        "beta1": _BETA,
+        "beta2": _BETA,
+        "eps": _NONNEGATIVE,
+        "weight_decay": _NONNEGATIVE,
     }
     decoupled_weight_decay = False
 
@@ -488,7 +501,9 @@ OPTIMIZER_HPARAMS: dict[str, tuple[str, ...]] = {
 }
 
 
-def make(name: str, population: Population, schedule: Schedule | None = None, nesterov: bool = False, **hparams: HParam) -> PopulationOptimizer:
+def make(
+    name: str, population: Population, schedule: Schedule | None = None, nesterov: bool = False, **hparams: HParam
+) -> PopulationOptimizer:
     """Registered optimizer ``name`` over ``population``, hyperparameters by flat name (floats or ``[N]``).
 
     ``make("sgd", pop, lr=0.05, momentum=0.9)``; ``make("adam", pop, lr=[...], beta2=0.99)``. A name
@@ -547,7 +562,9 @@ class TorchOptimizer:
             )
         self.hparams: dict[str, Tensor] = {}
         if max_grad_norm is not None:
-            self.hparams["max_grad_norm"] = checks.member_values("max_grad_norm", max_grad_norm, population.n, population.device, **_MAX_GRAD_NORM)
+            self.hparams["max_grad_norm"] = checks.member_values(
+                "max_grad_norm", max_grad_norm, population.n, population.device, **_MAX_GRAD_NORM
+            )
 
     @property
     def n(self) -> int:

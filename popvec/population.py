@@ -282,7 +282,9 @@ class Population:
 
         return forward
 
-    def forward(self, x: Tensor, per_member: bool = False, member_chunk_size: int | None = None, *, chunk_size: int | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, per_member: bool = False, member_chunk_size: int | None = None, *, chunk_size: int | None = None
+    ) -> Tensor:
         """Outputs of every member: ``[N, B, ...]``.
 
         ``x`` is one shared batch ``[B, ...]`` (``per_member=False``) or one batch per member
@@ -347,9 +349,7 @@ class Population:
         covered = {id(p) for m in resets for p in m.parameters(recurse=False)}
         missing = [k for k, p in module.named_parameters() if k in self.trainable and id(p) not in covered]
         if missing:
-            raise ValueError(
-                f"no reset_parameters() initializes {missing}: pass model_fn to shrink_perturb for the noise initialization"
-            )
+            raise ValueError(f"no reset_parameters() initializes {missing}: pass model_fn to shrink_perturb for the noise initialization")
         stacks: dict[str, list[Tensor]] = {k: [] for k in self.trainable}
         with torch.random.fork_rng(devices=[]):
             for member_seed in member_seeds(seed, self.n):
@@ -371,9 +371,7 @@ def spawn_indices(indices: IndexLike, copies: int, n: int) -> Tensor:
 def check_batch(x: Tensor, n: int, per_member: bool, name: str) -> None:
     """Raise if a per-member batch's leading dimension is not N."""
     if per_member and (x.dim() == 0 or x.shape[0] != n):
-        raise ValueError(
-            f"{name} must have leading dimension N={n} when per_member=True, got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{name} must have leading dimension N={n} when per_member=True, got shape {tuple(x.shape)}")
 
 
 def _get_tensor(module: nn.Module, name: str) -> Tensor:

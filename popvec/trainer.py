@@ -187,7 +187,12 @@ class PopulationTrainer:
                     self._loss_count += 1
                     for callback in callbacks:
                         callback.on_step(self, losses)
-                    if checkpoint_path is not None and checkpoint_every and self.global_step % checkpoint_every == 0 and self.global_step < stop:
+                    if (
+                        checkpoint_path is not None
+                        and checkpoint_every
+                        and self.global_step % checkpoint_every == 0
+                        and self.global_step < stop
+                    ):
                         self.wall_time = time.perf_counter() - started
                         self.save_checkpoint(checkpoint_path)
                 if decision is not None and self.global_step == decision:
@@ -345,7 +350,9 @@ class PopulationTrainer:
 
 def _stateful(callbacks: Sequence[Callback]) -> dict[str, Callback]:
     """Callbacks that carry state, keyed by position and class (stable for one run's callback list)."""
-    return {f"{i}:{type(cb).__name__}": cb for i, cb in enumerate(callbacks) if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")}
+    return {
+        f"{i}:{type(cb).__name__}": cb for i, cb in enumerate(callbacks) if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict")
+    }
 
 
 class MultipleInitializationsTrainer:

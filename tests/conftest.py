@@ -139,8 +139,7 @@ def make_references(
     per_member = {k: v for k, v in kwargs.items() if isinstance(v, (list, tuple))}
     shared = {k: v for k, v in kwargs.items() if k not in per_member}
     return [
-        Reference(reference_model(model_fn, seed + i), opt_fns[i], **shared, **{k: v[i] for k, v in per_member.items()})
-        for i in range(n)
+        Reference(reference_model(model_fn, seed + i), opt_fns[i], **shared, **{k: v[i] for k, v in per_member.items()}) for i in range(n)
     ]
 
 

@@ -318,7 +318,16 @@ def test_positions_accepts_exactly_members(values: list[int]) -> None:
 
 @pytest.mark.parametrize(
     "values",
-    [[True, False, True, False], [0, True], [0.9, 2.7], [0.0, 1.0], torch.tensor([0.0, 1.0]), torch.tensor([True, False]), np.array([1.0]), np.array([True])],
+    [
+        [True, False, True, False],
+        [0, True],
+        [0.9, 2.7],
+        [0.0, 1.0],
+        torch.tensor([0.0, 1.0]),
+        torch.tensor([True, False]),
+        np.array([1.0]),
+        np.array([True]),
+    ],
     ids=["bools", "int_and_bool", "floats", "whole_floats", "float_tensor", "bool_tensor", "float_array", "bool_array"],
 )
 def test_positions_reject_bools_and_floats(values: Any) -> None:
@@ -394,7 +403,11 @@ def test_population_other_checks() -> None:
 # --------------------------------------------------------------------------- optimizers
 SGD_HPARAMS = ("lr", "momentum", "dampening", "weight_decay", "max_grad_norm")
 ADAM_HPARAMS = ("lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm")
-BASE = {"sgd": {"lr": 0.1, "momentum": 0.9, "max_grad_norm": 1.0}, "adam": {"lr": 0.1, "max_grad_norm": 1.0}, "adamw": {"lr": 0.1, "max_grad_norm": 1.0}}
+BASE = {
+    "sgd": {"lr": 0.1, "momentum": 0.9, "max_grad_norm": 1.0},
+    "adam": {"lr": 0.1, "max_grad_norm": 1.0},
+    "adamw": {"lr": 0.1, "max_grad_norm": 1.0},
+}
 CASES = [(kind, name) for kind, names in (("sgd", SGD_HPARAMS), ("adam", ADAM_HPARAMS), ("adamw", ADAM_HPARAMS)) for name in names]
 
 
@@ -446,7 +459,22 @@ def test_optimizer_ranges() -> None:
         optim.from_torch(pop, lambda ps: torch.optim.SGD(ps, lr=0.1), max_grad_norm=0.0)
 
 
-SET_VALUES: list[Any] = [math.nan, math.inf, -math.inf, -1.0, -1e-12, 0.0, 0.5, 0.999, 1.0, 2.0, True, [0.1, math.nan, 0.1, 0.1], [0.1] * (N + 1), "x"]
+SET_VALUES: list[Any] = [
+    math.nan,
+    math.inf,
+    -math.inf,
+    -1.0,
+    -1e-12,
+    0.0,
+    0.5,
+    0.999,
+    1.0,
+    2.0,
+    True,
+    [0.1, math.nan, 0.1, 0.1],
+    [0.1] * (N + 1),
+    "x",
+]
 
 
 def _outcome(call: Any) -> type[BaseException] | None:

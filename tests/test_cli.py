@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import io
 import json
 import os
 import re
@@ -17,7 +16,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 
 from popvec import cli
 from popvec.cli import common, flags
@@ -34,7 +32,21 @@ from popvec.trainer import CHECKPOINT_NAME, PopulationTrainer
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--num-models", "3", "--num-elim-steps", "5", "--epochs", "1", "--batch-size", "64", "--model", "mlp", "--no-progress"]
 # 4 members, rounds at steps 5 (4 -> 2) and 10 (2 -> 1), then the winner trains to step 19.
-TWO_ROUNDS = ["--num-models", "4", "--num-elim-steps", "5", "--epochs", "1", "--batch-size", "64", "--model", "mlp", "--no-progress", "--device", "cpu"]
+TWO_ROUNDS = [
+    "--num-models",
+    "4",
+    "--num-elim-steps",
+    "5",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "64",
+    "--model",
+    "mlp",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 
 
 def run_python(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -86,7 +98,18 @@ def test_cli_train_smoke(tmp_path: Path) -> None:
 
 def test_example_script_runs(tmp_path: Path) -> None:
     proc = run_python(
-        [str(ROOT / "examples" / "train_mnist.py"), "--num-models", "2", "--num-elim-steps", "5", "--epochs", "1", "--model", "mlp", "--no-progress"],
+        [
+            str(ROOT / "examples" / "train_mnist.py"),
+            "--num-models",
+            "2",
+            "--num-elim-steps",
+            "5",
+            "--epochs",
+            "1",
+            "--model",
+            "mlp",
+            "--no-progress",
+        ],
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -209,7 +232,12 @@ def test_resume_interrupted_run_equals_uninterrupted(
 
 # --------------------------------------------------------------------------- one config per command
 
-CONFIGS = {module.__name__.rsplit(".", 1)[1]: next(v for k, v in vars(module).items() if k.endswith("Config") and isinstance(v, type) and v.__module__ == module.__name__) for module in COMMANDS}
+CONFIGS = {
+    module.__name__.rsplit(".", 1)[1]: next(
+        v for k, v in vars(module).items() if k.endswith("Config") and isinstance(v, type) and v.__module__ == module.__name__
+    )
+    for module in COMMANDS
+}
 RESUMABLE = [name for name, cls in CONFIGS.items() if cls.RESUMABLE]
 # A small run of every command that trains (CPU, no plots, no progress), as config fields.
 SMALL = {
@@ -341,7 +369,9 @@ def test_from_json_refuses_bad_files_in_one_line(blob: Any, match: str, tmp_path
         (["warmstart", "--chunk-size", "5000", "--device", "cpu", "--no-progress", "--max-steps", "1"], "chunk_size"),
     ],
 )
-def test_bad_flags_of_every_command_exit_2_naming_the_flag(argv: list[str], flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_flags_of_every_command_exit_2_naming_the_flag(
+    argv: list[str], flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exc:
         cli.main([*argv, "--out", str(out)])
@@ -398,8 +428,27 @@ def test_resume_refuses_a_config_of_another_command(tmp_path: Path, capsys: pyte
 
 def test_train_killed_before_its_first_checkpoint_resumes_by_starting_over(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fresh = tmp_path / "fresh"
-    assert cli.main(["train", "--num-models", "2", "--num-elim-steps", "5", "--epochs", "1", "--model", "mlp",
-                     "--device", "cpu", "--no-progress", "--out", str(fresh)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--num-models",
+                "2",
+                "--num-elim-steps",
+                "5",
+                "--epochs",
+                "1",
+                "--model",
+                "mlp",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--out",
+                str(fresh),
+            ]
+        )
+        == 0
+    )
     run_dir = saved_run(tmp_path, "train", device="auto", no_progress=False)
     saved = (run_dir / "config.json").read_text()
     capsys.readouterr()
@@ -413,8 +462,12 @@ def test_train_killed_before_its_first_checkpoint_resumes_by_starting_over(tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-LIBRARY_FUNCTIONS = {"instability": (instability_cli.lmc, "instability"), "hyperband": (hyperband_cli, "hyperband"),
-                     "pbt": (pbt_cli, "pbt"), "warmstart": (warmstart_cli, "run_study")}
+LIBRARY_FUNCTIONS = {
+    "instability": (instability_cli.lmc, "instability"),
+    "hyperband": (hyperband_cli, "hyperband"),
+    "pbt": (pbt_cli, "pbt"),
+    "warmstart": (warmstart_cli, "run_study"),
+}
 
 
 @pytest.mark.parametrize("name", sorted(LIBRARY_FUNCTIONS))

@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
+from conftest import make_batches, tiny_mlp
 
 from popvec import optim
-from popvec.search.early_stopping import EarlyStopping, slope
 from popvec.population import Population
+from popvec.search.early_stopping import EarlyStopping, slope
 from popvec.selection import MetricsTable, SuccessiveHalving
 from popvec.trainer import PopulationTrainer
-from conftest import make_batches, tiny_mlp
 
 # Member 2's learning rate is absurd: its weights blow up to inf within a few steps. Adam's update is
 # element-wise and vmap's forward/backward does not depend on N here, so the other members can be

@@ -132,7 +132,11 @@ def test_member_outputs_restores_mode_and_is_eval() -> None:
         (lambda pop, x: predict(pop, x, method="median"), ValueError, "method must be one of mean_prob, mean_logit, vote"),
         (lambda pop, x: ensemble_loss(torch.ones(2, 3), torch.zeros(2, dtype=torch.long), "max"), ValueError, "method must be one of"),
         (lambda pop, x: make_fusion("attention", N, 3, 3), ValueError, "fusion must be one of mean, concat, product"),
-        (lambda pop, x: evaluate_ensemble(pop, (x[:0], torch.zeros(0, dtype=torch.long))), ValueError, "data must hold at least one sample"),
+        (
+            lambda pop, x: evaluate_ensemble(pop, (x[:0], torch.zeros(0, dtype=torch.long))),
+            ValueError,
+            "data must hold at least one sample",
+        ),
     ],
 )
 def test_bad_input(call: Any, error: type[Exception], match: str) -> None:
@@ -146,7 +150,16 @@ def test_bad_input(call: Any, error: type[Exception], match: str) -> None:
 class PlainJoint(nn.Module):
     """The reference: N plain experts and the head, the same objective written out with loops."""
 
-    def __init__(self, experts: list[nn.Module], head: nn.Module, features: str, last: str, member_weight: float, distill_weight: float, temperature: float) -> None:
+    def __init__(
+        self,
+        experts: list[nn.Module],
+        head: nn.Module,
+        features: str,
+        last: str,
+        member_weight: float,
+        distill_weight: float,
+        temperature: float,
+    ) -> None:
         super().__init__()
         self.experts = nn.ModuleList(experts)
         self.head = head
@@ -178,7 +191,9 @@ def build_joint(model_name: str, fusion_name: str, features: str, distill: float
     ref = PlainJoint(pop.members(), copy.deepcopy(head), features, LAST_LINEAR[model_name], 0.5, distill, 2.0)
     member_opt = kwargs.pop("member_optimizer", None) or optim.SGD(pop, lr=0.1)
     head_opt = torch.optim.SGD(head.parameters(), lr=0.05) if any(True for _ in head.parameters()) else None
-    trainer = JointTrainer(pop, head, member_opt, head_opt, member_weight=0.5, features=features, distill_weight=distill, temperature=2.0, **kwargs)
+    trainer = JointTrainer(
+        pop, head, member_opt, head_opt, member_weight=0.5, features=features, distill_weight=distill, temperature=2.0, **kwargs
+    )
     return trainer, ref
 
 
@@ -195,7 +210,8 @@ def test_joint_gradients_equal_plain_module(model_name: str, fusion_name: str, f
     assert float(parts.total) == pytest.approx(loss.item(), rel=1e-5)
     for i, expert in enumerate(ref.experts):
         for name, p in expert.named_parameters():
-            torch.testing.assert_close(member_grads[name][i], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"expert {i} {n}: {m}")
+            message = lambda m, n=name, i=i: f"expert {i} {n}: {m}"  # noqa: E731
+            torch.testing.assert_close(member_grads[name][i], p.grad, rtol=1e-4, atol=1e-6, msg=message)
     for g, p in zip(head_grads, ref.head.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
     # BatchNorm statistics moved exactly as the plain experts' did
@@ -229,8 +245,17 @@ def test_joint_training_updates_equal_plain_param_groups() -> None:
     ref = PlainJoint(pop.members(), copy.deepcopy(head), "penultimate", "fc", 0.5, 0.3, 2.0)
     head_opt = torch.optim.SGD(head.parameters(), lr=0.05, momentum=0.9)
     trainer = JointTrainer(
-        pop, head, optim.SGD(pop, lr=0.1, momentum=0.9), head_opt, member_weight=0.5, features="penultimate",
-        distill_weight=0.3, temperature=2.0, accumulation_steps=2, member_max_grad_norm=0.05, head_max_grad_norm=0.02,
+        pop,
+        head,
+        optim.SGD(pop, lr=0.1, momentum=0.9),
+        head_opt,
+        member_weight=0.5,
+        features="penultimate",
+        distill_weight=0.3,
+        temperature=2.0,
+        accumulation_steps=2,
+        member_max_grad_norm=0.05,
+        head_max_grad_norm=0.02,
         head_scheduler=torch.optim.lr_scheduler.StepLR(head_opt, step_size=1, gamma=0.5),
     )
     ref_members = torch.optim.SGD(ref.experts.parameters(), lr=0.1, momentum=0.9)

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import torch
 from conftest import (
+    ATOL,
     MODEL_FNS,
     RTOL,
-    ATOL,
     Reference,
     assert_members_equal,
     make_batches,
@@ -125,7 +125,11 @@ PER_MEMBER_OPTIMIZERS: dict[str, OptPair] = {
     "sgd_momentum_dampening": (
         lambda pop: optim.SGD(pop, lr=LRS, momentum=[0.9, 0.5, 0.0, 0.8], dampening=[0.0, 0.1, 0.3, 0.5], weight_decay=WD),
         [
-            (lambda ps, i=i: torch.optim.SGD(ps, lr=LRS[i], momentum=[0.9, 0.5, 0.0, 0.8][i], dampening=[0.0, 0.1, 0.3, 0.5][i], weight_decay=WD[i]))
+            (
+                lambda ps, i=i: torch.optim.SGD(
+                    ps, lr=LRS[i], momentum=[0.9, 0.5, 0.0, 0.8][i], dampening=[0.0, 0.1, 0.3, 0.5][i], weight_decay=WD[i]
+                )
+            )
             for i in range(N)
         ],
     ),
@@ -231,9 +235,7 @@ def test_from_torch_equals_members(name: str, model: str, per_member: bool) -> N
 def test_from_torch_select_follows_lineage(name: str, selection: str) -> None:
     fn = TORCH_FACTORIES[name]
     idx = SELECTIONS[selection]
-    pop, _ = train_and_compare(
-        MODEL_FNS["cnn_bn"], lambda pop: optim.from_torch(pop, fn), fn, per_member=True, select_at=10, select=idx
-    )
+    pop, _ = train_and_compare(MODEL_FNS["cnn_bn"], lambda pop: optim.from_torch(pop, fn), fn, per_member=True, select_at=10, select=idx)
     assert pop.ids.tolist() == idx
 
 
@@ -252,7 +254,7 @@ def test_any_selection_follows_lineage(idx: list[int], at: int, opt_name: str) -
 def test_train_step_rejects_wrong_per_member_batches() -> None:
     pop = Population.from_factory(MODEL_FNS["mlp"], N, seed=SEED)
     step = TrainStep(pop, optim.SGD(pop, lr=0.1))
-    (x, y), = make_batches(1, N)
+    ((x, y),) = make_batches(1, N)
     before = {k: v.clone() for k, v in pop.params.items()}
     with pytest.raises(ValueError, match="x"):
         step(x[:3], y, per_member=True)

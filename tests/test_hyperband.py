@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from popvec import cli
 from popvec.data import load_dataset
 from popvec.loaders import DeviceLoader
-from popvec.search.hyperband import HyperbandPolicy, hyperband, hyperband_brackets, s_max
 from popvec.models import model_factory
+from popvec.search.hyperband import HyperbandPolicy, hyperband, hyperband_brackets, s_max
 from popvec.search.run import make_trainer
 from popvec.search.space import LogUniform, SearchSpace
 from popvec.selection import MetricsTable
@@ -192,8 +192,28 @@ def test_cli_hyperband_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     space = tmp_path / "space.toml"
     space.write_text('[space]\nlr = { distribution = "loguniform", low = 1e-3, high = 1e-1 }\n')
     out = tmp_path / "run"
-    code = cli.main(["hyperband", "--max-t", "9", "--unit-steps", "1", "--space", str(space), "--label-smoothing-range", "0,0.1",
-                     "--batch-size", "32", "--out", str(out), "--device", "cpu", "--no-plots", "--patience", "100"])
+    code = cli.main(
+        [
+            "hyperband",
+            "--max-t",
+            "9",
+            "--unit-steps",
+            "1",
+            "--space",
+            str(space),
+            "--label-smoothing-range",
+            "0,0.1",
+            "--batch-size",
+            "32",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-plots",
+            "--patience",
+            "100",
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
     assert "alive per bracket" in text and "best so far" in text and "Winner: member" in text and "member-steps" in text

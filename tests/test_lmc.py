@@ -21,8 +21,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import popvec
 from popvec import Population, cli, lmc
 from popvec.data import TensorSplit
-from popvec.loaders import DeviceLoader
 from popvec.engine import TrainStep
+from popvec.loaders import DeviceLoader
 from popvec.models import MLP, LeNet5, build_model
 from popvec.studies import paths
 
@@ -217,7 +217,15 @@ class ShiftedInput(nn.Module):
 def general_path(a: nn.Module, b: nn.Module, data: tuple[Tensor, Tensor], alphas: int, **kwargs: object) -> tuple[Tensor, Tensor]:
     """The same curve as lmc.interpolate, the first-layer shortcut turned off."""
     pa, pb = Population.from_modules([a]), Population.from_modules([b])
-    spec = paths.path_evaluation(pa.skeleton, data, F.cross_entropy, kwargs.pop("bn", "auto"), kwargs.pop("bn_data", None), kwargs.pop("batch_size", 1024), kwargs.pop("member_chunk_size", None))
+    spec = paths.path_evaluation(
+        pa.skeleton,
+        data,
+        F.cross_entropy,
+        kwargs.pop("bn", "auto"),
+        kwargs.pop("bn_data", None),
+        kwargs.pop("batch_size", 1024),
+        kwargs.pop("member_chunk_size", None),
+    )
     loss, error, used = paths.evaluate_paths(pa, pb, paths.alpha_grid(paths.as_alphas(alphas))[0], spec, shortcut=False)
     assert not used
     return loss[0], error[0]
@@ -226,7 +234,9 @@ def general_path(a: nn.Module, b: nn.Module, data: tuple[Tensor, Tensor], alphas
 @pytest.mark.parametrize("name", ["mlp", "lenet5", "tiny_mlp", "cnn_bn"])
 def test_first_layer_shortcut_is_taken_and_equals_the_general_path(name: str) -> None:
     big = name in ("mlp", "lenet5")
-    model_fn = {"mlp": lambda: MLP(784, (256, 256), 10), "lenet5": lambda: LeNet5(1, 10, 28), "tiny_mlp": tiny_mlp, "cnn_bn": tiny_cnn}[name]
+    model_fn = {"mlp": lambda: MLP(784, (256, 256), 10), "lenet5": lambda: LeNet5(1, 10, 28), "tiny_mlp": tiny_mlp, "cnn_bn": tiny_cnn}[
+        name
+    ]
     g = torch.Generator().manual_seed(5)
     data = (torch.randn(48, 1, 28, 28, generator=g), torch.randint(0, 10, (48,), generator=g)) if big else DATA
     torch.manual_seed(0)
@@ -329,9 +339,16 @@ def test_branches_resume_the_trunk_weights_and_optimizer_state(tmp_path: Path) -
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "alphas, match",
-    [(1, "alphas"), ([], "alphas"), ([[0.0, 1.0]], "alphas"), ([-0.1, 0.5], r"alphas must lie in \[0, 1\]"),
-     ([0.0, 1.5], r"alphas must lie in \[0, 1\]"), ([0.0, 0.7, 0.3], "alphas must be strictly increasing"),
-     ([0.2, 0.2], "alphas must be strictly increasing"), ([float("nan")], "alphas")],
+    [
+        (1, "alphas"),
+        ([], "alphas"),
+        ([[0.0, 1.0]], "alphas"),
+        ([-0.1, 0.5], r"alphas must lie in \[0, 1\]"),
+        ([0.0, 1.5], r"alphas must lie in \[0, 1\]"),
+        ([0.0, 0.7, 0.3], "alphas must be strictly increasing"),
+        ([0.2, 0.2], "alphas must be strictly increasing"),
+        ([float("nan")], "alphas"),
+    ],
 )
 def test_bad_alphas(alphas: object, match: str, mlp_pair: Population) -> None:
     with pytest.raises(ValueError, match=match):
@@ -368,10 +385,15 @@ def test_bad_endpoints_and_options(mlp_pair: Population, cnn_pair: Population) -
 
 @pytest.mark.parametrize(
     "kwargs, error, match",
-    [({"k1_values": []}, ValueError, "k1_values"), ({"k1_values": [0, -1]}, ValueError, "k1_values"),
-     ({"k1_values": [3, 3]}, ValueError, "k1_values"), ({"copies": 1}, ValueError, "copies"),
-     ({"copy_seeds": [1, 2, 3]}, ValueError, "copy_seeds"), ({"k2": -1}, ValueError, "k2"),
-     ({"optimizer_fn": lambda pop: popvec.optim.from_torch(pop, lambda p: torch.optim.SGD(p, lr=0.1))}, TypeError, "popvec optimizer")],
+    [
+        ({"k1_values": []}, ValueError, "k1_values"),
+        ({"k1_values": [0, -1]}, ValueError, "k1_values"),
+        ({"k1_values": [3, 3]}, ValueError, "k1_values"),
+        ({"copies": 1}, ValueError, "copies"),
+        ({"copy_seeds": [1, 2, 3]}, ValueError, "copy_seeds"),
+        ({"k2": -1}, ValueError, "k2"),
+        ({"optimizer_fn": lambda pop: popvec.optim.from_torch(pop, lambda p: torch.optim.SGD(p, lr=0.1))}, TypeError, "popvec optimizer"),
+    ],
 )
 def test_bad_instability_arguments(kwargs: dict, error: type, match: str) -> None:
     args = {"model_fn": tiny_mlp, "optimizer_fn": sgd, "data": TRAIN, "k1_values": [0], "k2": 1, **kwargs}
@@ -382,8 +404,21 @@ def test_bad_instability_arguments(kwargs: dict, error: type, match: str) -> Non
 # --------------------------------------------------------------------------- module layout
 # Everything popvec.lmc offered before it was split into paths, shortcut and instability.
 LMC_NAMES = [
-    "BN_MODES", "BNMode", "BarrierMatrix", "InstabilityResult", "InterpolationResult", "StepCallback", "as_alphas", "barrier",
-    "barrier_matrix", "instability", "interpolate", "interpolate_stacks", "interpolation_gap", "l2_distance", "recompute_batchnorm",
+    "BN_MODES",
+    "BNMode",
+    "BarrierMatrix",
+    "InstabilityResult",
+    "InterpolationResult",
+    "StepCallback",
+    "as_alphas",
+    "barrier",
+    "barrier_matrix",
+    "instability",
+    "interpolate",
+    "interpolate_stacks",
+    "interpolation_gap",
+    "l2_distance",
+    "recompute_batchnorm",
 ]
 
 
@@ -445,7 +480,22 @@ def test_cli_lmc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_instability(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "inst"
-    args = ["instability", "--model", "mlp", "--k1", "0,5", "--k2", "5", "--alphas", "3", "--out", str(out), "--device", "cpu", "--no-progress"]
+    args = [
+        "instability",
+        "--model",
+        "mlp",
+        "--k1",
+        "0,5",
+        "--k2",
+        "5",
+        "--alphas",
+        "3",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert cli.main(args) == 0
     assert "error barrier" in capsys.readouterr().out
     result = json.loads((out / "instability.json").read_text())

@@ -31,7 +31,10 @@ OPTIMIZERS: dict[str, tuple[Callable[[Population], Any], Callable[[Any], torch.o
         lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
     ),
     "adam": (lambda pop: optim.Adam(pop, lr=1e-2), lambda ps: torch.optim.Adam(ps, lr=1e-2)),
-    "adamw_clip": (lambda pop: optim.AdamW(pop, lr=1e-2, weight_decay=0.01, max_grad_norm=0.5), lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01)),
+    "adamw_clip": (
+        lambda pop: optim.AdamW(pop, lr=1e-2, weight_decay=0.01, max_grad_norm=0.5),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01),
+    ),
     "torch_rmsprop": (
         lambda pop: optim.from_torch(pop, lambda ps: torch.optim.RMSprop(ps, lr=1e-2, momentum=0.5)),
         lambda ps: torch.optim.RMSprop(ps, lr=1e-2, momentum=0.5),
@@ -82,7 +85,7 @@ def test_mask_freezes_optimizer_state_and_steps() -> None:
     pop = Population.from_factory(MODEL_FNS["mlp"], N, seed=SEED)
     opt = optim.Adam(pop, lr=1e-2)
     step = TrainStep(pop, opt)
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     step(x, y)
     assert opt._shared_step == 1
     state = {s: {k: v.clone() for k, v in d.items()} for s, d in opt.state.items()}
@@ -120,7 +123,7 @@ def test_reset_state_member_restarts_like_a_fresh_optimizer() -> None:
 def test_trainer_step_mask_counts_active_members() -> None:
     pop = Population.from_factory(MODEL_FNS["mlp"], N, seed=SEED)
     trainer = PopulationTrainer(pop, optim.SGD(pop, lr=0.1), progress=False)
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     before = {k: v.clone() for k, v in pop.params.items()}
     trainer.step(x, y, mask=[True, False, False])
     assert trainer.member_steps == 1 and trainer.samples_seen == x.shape[0] and trainer.global_step == 1
@@ -132,7 +135,7 @@ def test_all_false_mask_changes_nothing() -> None:
     pop = Population.from_factory(MODEL_FNS["cnn_bn"], N, seed=SEED)
     step = TrainStep(pop, optim.SGD(pop, lr=0.1, momentum=0.9))
     before = {k: v.clone() for k, v in [*pop.params.items(), *pop.buffers.items()]}
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     losses = step(x, y, mask=torch.zeros(N, dtype=torch.bool))
     assert losses.shape == (N,)
     for k, v in [*pop.params.items(), *pop.buffers.items()]:
@@ -150,7 +153,7 @@ def test_all_false_mask_changes_nothing() -> None:
 def test_bad_mask(mask: Any, error: type[Exception], match: str) -> None:
     pop = Population.from_factory(MODEL_FNS["mlp"], N, seed=SEED)
     step = TrainStep(pop, optim.SGD(pop, lr=0.1))
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     with pytest.raises(error, match=match):
         step(x, y, mask=mask)
 
@@ -159,6 +162,6 @@ def test_torch_adam_mask_refused() -> None:
     pop = Population.from_factory(MODEL_FNS["mlp"], N, seed=SEED)
     opt = optim.from_torch(pop, lambda ps: torch.optim.Adamax(ps, lr=1e-2))
     step = TrainStep(pop, opt)
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     with pytest.raises(ValueError, match="mask: torch.optim.Adamax"):
         step(x, y, mask=torch.tensor([True, False, True]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODEL_FNS, RTOL, ATOL, make_batches
+from conftest import ATOL, MODEL_FNS, RTOL, make_batches
 
 import popvec
 from popvec import Population

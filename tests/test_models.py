@@ -12,8 +12,8 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from popvec.models import (
-    MODEL_NAMES,
     MLP,
+    MODEL_NAMES,
     LeNet5,
     LogisticRegression,
     ResNet18,

@@ -283,7 +283,10 @@ def test_per_member_schedule_fields() -> None:
         for i in range(N):
             assert math.isclose(float(schedule(steps)[i]), gammas[i] ** (t // sizes[i]), rel_tol=1e-5)
         exp_restarts = torch.stack(
-            [torch_factors(lambda o, i=i: lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=cycles[i], T_mult=2, eta_min=0.1 * i), 40)[t] for i in range(N)]
+            [
+                torch_factors(lambda o, i=i: lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=cycles[i], T_mult=2, eta_min=0.1 * i), 40)[t]
+                for i in range(N)
+            ]
         )
         torch.testing.assert_close(restarts(steps), exp_restarts, rtol=1e-5, atol=1e-6)
         exp_cos = torch.tensor([0.1 + 0.9 * (1 + math.cos(math.pi * min(t, T) / T)) / 2 for T in totals])
@@ -330,9 +333,7 @@ TRAIN_SCHEDULES: dict[str, tuple[Callable[[Population], Any], Any]] = {
 @pytest.mark.parametrize("name", sorted(TRAIN_SCHEDULES))
 def test_training_with_schedule_equals_torch_scheduler(name: str) -> None:
     make_opt, pairs = TRAIN_SCHEDULES[name]
-    pop, step, refs = train_pair(
-        MODEL_FNS["cnn_bn"], make_opt, [p[0] for p in pairs], steps=20, sched_fn=[p[1] for p in pairs]
-    )
+    pop, step, refs = train_pair(MODEL_FNS["cnn_bn"], make_opt, [p[0] for p in pairs], steps=20, sched_fn=[p[1] for p in pairs])
     torch.testing.assert_close(
         step.optimizer.current_lr(), torch.tensor([ref.opt.param_groups[0]["lr"] for ref in refs], dtype=torch.float32)
     )

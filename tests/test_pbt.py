@@ -8,23 +8,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_batches, tiny_mlp
 from torch import Tensor
 
 from popvec import cli, optim
 from popvec.data import load_dataset
+from popvec.losses import cross_entropy
 from popvec.models import model_factory
-from popvec.search.pbt import PBT, pbt, quantile_size
 from popvec.population import Population
+from popvec.search.pbt import PBT, pbt, quantile_size
 from popvec.search.space import Choice, LogUniform, SearchSpace, Uniform
 from popvec.selection import MetricsTable
 from popvec.trainer import PopulationTrainer
-from popvec.losses import cross_entropy
-from conftest import make_batches, tiny_mlp
 
 SPACE = SearchSpace({"lr": LogUniform(1e-4, 1e-1), "label_smoothing": Uniform(0.0, 0.5), "beta1": Choice([0.8, 0.85, 0.9])})
 
 
-@pytest.mark.parametrize(("n", "q", "k"), [(16, 0.25, 4), (8, 0.25, 2), (5, 0.25, 2), (3, 0.25, 1), (2, 0.25, 1), (1, 0.25, 0), (10, 0.5, 5), (7, 0.5, 3)])
+@pytest.mark.parametrize(
+    ("n", "q", "k"), [(16, 0.25, 4), (8, 0.25, 2), (5, 0.25, 2), (3, 0.25, 1), (2, 0.25, 1), (1, 0.25, 0), (10, 0.5, 5), (7, 0.5, 3)]
+)
 def test_quantile_size(n: int, q: float, k: int) -> None:
     assert quantile_size(n, q) == k
 
@@ -135,8 +137,27 @@ def test_pbt_run_records_lineage_and_is_seeded(digits, single_thread) -> None:
 
 def test_cli_pbt_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    code = cli.main(["pbt", "--num-models", "4", "--perturbation-interval", "5", "--steps", "15", "--batch-size", "32",
-                     "--lr-range", "1e-3,1e-1", "--out", str(out), "--device", "cpu", "--grad-norm-threshold", "1e6"])
+    code = cli.main(
+        [
+            "pbt",
+            "--num-models",
+            "4",
+            "--perturbation-interval",
+            "5",
+            "--steps",
+            "15",
+            "--batch-size",
+            "32",
+            "--lr-range",
+            "1e-3,1e-1",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--grad-norm-threshold",
+            "1e6",
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
     assert "exploits:" in text and "Final leaderboard" in text and "member-steps" in text

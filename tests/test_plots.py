@@ -105,8 +105,12 @@ def test_save_figure_keeps_the_old_file_when_drawing_fails(tmp_path: Path) -> No
 @pytest.mark.usefixtures("no_matplotlib")
 def test_without_matplotlib_every_plot_says_how_to_install_it(tmp_path: Path) -> None:
     assert issubclass(MissingMatplotlib, ImportError)
-    for call in (lambda: new_figure(1, 1), lambda: interpolation_result().plot(tmp_path / "a.png"),
-                 lambda: instability_result().plot(tmp_path / "b.png"), lambda: plot_hyperband(HYPERBAND, tmp_path / "c.png")):
+    for call in (
+        lambda: new_figure(1, 1),
+        lambda: interpolation_result().plot(tmp_path / "a.png"),
+        lambda: instability_result().plot(tmp_path / "b.png"),
+        lambda: plot_hyperband(HYPERBAND, tmp_path / "c.png"),
+    ):
         with pytest.raises(MissingMatplotlib, match=r"pip install popvec\[plot\]"):
             call()
     assert plot_result(_WarmStartCurves(), tmp_path / "d.png") is None  # type: ignore[arg-type]
@@ -115,8 +119,25 @@ def test_without_matplotlib_every_plot_says_how_to_install_it(tmp_path: Path) ->
 
 @pytest.mark.usefixtures("no_matplotlib")
 def test_warmstart_cli_without_matplotlib_prints_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["warmstart", "--replicates", "1", "--max-steps", "2", "--check-every", "1", "--chunks", "2", "--no-cold",
-            "--sp", "0.5,0.1", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "ws")]
+    args = [
+        "warmstart",
+        "--replicates",
+        "1",
+        "--max-steps",
+        "2",
+        "--check-every",
+        "1",
+        "--chunks",
+        "2",
+        "--no-cold",
+        "--sp",
+        "0.5,0.1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "ws"),
+    ]
     assert cli.main(args) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "matplotlib" in line]
     assert lines == ["No plot written (plotting needs matplotlib: pip install popvec[plot])"]
@@ -135,6 +156,10 @@ def test_lmc_and_search_clis_print_the_install_hint_intact(tmp_path: Path) -> No
     console = Console(file=StringIO(), width=200)
     save_plots(console, [(interpolation_result().plot, (tmp_path / "lmc.png",))])
     save_plots(console, [(plot_hyperband, (HYPERBAND, tmp_path / "hyperband.png"))])
-    assert console.file.getvalue().splitlines() == [  # type: ignore[attr-defined]
-        "No plot written (plotting needs matplotlib: pip install popvec[plot])",
-    ] * 2
+    assert (
+        console.file.getvalue().splitlines()
+        == [  # type: ignore[attr-defined]
+            "No plot written (plotting needs matplotlib: pip install popvec[plot])",
+        ]
+        * 2
+    )

@@ -76,7 +76,14 @@ class Simulation:
         for name, updates in decision.hparams.items():
             for position, value in updates.items():
                 self.hparams[name][position] = value
-        return {"step": due, "keep": decision.keep, "ids": self.ids, "hparams": decision.hparams, "reasons": decision.reasons, "events": decision.events}
+        return {
+            "step": due,
+            "keep": decision.keep,
+            "ids": self.ids,
+            "hparams": decision.hparams,
+            "reasons": decision.reasons,
+            "events": decision.events,
+        }
 
     def run(self, policy: SelectionPolicy, decisions: int | None = None) -> list[dict[str, Any]]:
         answers: list[dict[str, Any]] = []
@@ -101,7 +108,9 @@ POLICIES: dict[str, tuple[Callable[[], Any], int]] = {  # a fresh policy, and ho
     "hyperband_sha": (hyperband_policy("sha"), len(BRACKET_OF)),
     "hyperband_asha": (hyperband_policy("asha"), len(BRACKET_OF)),
     "early_stopping_asha": (
-        lambda: EarlyStopping(HyperbandPolicy(BRACKETS, BRACKET_OF, rule="asha"), slope_window=4, patience=3, min_delta=0.05, check_every=2),
+        lambda: EarlyStopping(
+            HyperbandPolicy(BRACKETS, BRACKET_OF, rule="asha"), slope_window=4, patience=3, min_delta=0.05, check_every=2
+        ),
         len(BRACKET_OF),
     ),
     "pbt": (lambda: PBT(3, PBT_SPACE, seed=5, final_step=30), 8),
@@ -160,8 +169,18 @@ HYPERBAND: dict[str, tuple[dict[str, Any], int]] = {
 def run_hyperband(data: Any, extra: dict[str, Any], **kwargs: Any) -> tuple[SearchResult, list[str]]:
     console = Console(file=io.StringIO(), width=300)
     result = hyperband(
-        model_fn(data), SPACE, data.train, data.val, data.test, max_t=9, unit_steps=2, batch_size=32, seed=3,
-        console=console, **extra, **kwargs,
+        model_fn(data),
+        SPACE,
+        data.train,
+        data.val,
+        data.test,
+        max_t=9,
+        unit_steps=2,
+        batch_size=32,
+        seed=3,
+        console=console,
+        **extra,
+        **kwargs,
     )
     return result, report_lines(console)
 
@@ -169,8 +188,19 @@ def run_hyperband(data: Any, extra: dict[str, Any], **kwargs: Any) -> tuple[Sear
 def run_pbt(data: Any, extra: dict[str, Any], **kwargs: Any) -> tuple[SearchResult, list[str]]:
     console = Console(file=io.StringIO(), width=300)
     result = pbt(
-        model_fn(data), SearchSpace({"lr": LogUniform(1e-3, 1e-1)}), data.train, data.val, data.test, num_models=6,
-        perturbation_interval=5, steps=20, batch_size=32, seed=4, console=console, **extra, **kwargs,
+        model_fn(data),
+        SearchSpace({"lr": LogUniform(1e-3, 1e-1)}),
+        data.train,
+        data.val,
+        data.test,
+        num_models=6,
+        perturbation_interval=5,
+        steps=20,
+        batch_size=32,
+        seed=4,
+        console=console,
+        **extra,
+        **kwargs,
     )
     return result, report_lines(console)
 
@@ -271,8 +301,16 @@ def kill_then_resume(
 
 @pytest.mark.parametrize(
     ("config", "k"),
-    [("side_by_side", 1), ("side_by_side", 3), ("one_after_another", 2), ("one_after_another", 4), ("one_after_another", 6),
-     ("asha_early_stopping", 2), ("asha_early_stopping", 7), ("asha_early_stopping", 10)],
+    [
+        ("side_by_side", 1),
+        ("side_by_side", 3),
+        ("one_after_another", 2),
+        ("one_after_another", 4),
+        ("one_after_another", 6),
+        ("asha_early_stopping", 2),
+        ("asha_early_stopping", 7),
+        ("asha_early_stopping", 10),
+    ],
 )
 def test_hyperband_killed_after_checkpoint_k_resumes_exactly(
     config: str, k: int, digits: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, single_thread: None
@@ -356,8 +394,10 @@ def test_reporter_recomputes_the_best_when_fit_starts() -> None:
     """A reporter started on a resumed trainer (or on a later bracket) prints what one that saw every round
     prints: the best so far comes back from the history and the earlier rounds, even when it is in the
     last round restored."""
-    records = [{"step": s, "members": [{"id": i, "val_loss": v} for i, v in enumerate(losses)]}
-               for s, losses in [(1, [3.0, 2.0]), (2, [1.0, math.nan]), (3, [1.5, 1.2]), (4, [1.0, 1.1])]]
+    records = [
+        {"step": s, "members": [{"id": i, "val_loss": v} for i, v in enumerate(losses)]}
+        for s, losses in [(1, [3.0, 2.0]), (2, [1.0, math.nan]), (3, [1.5, 1.2]), (4, [1.0, 1.1])]
+    ]
     whole = BestId(Console(file=io.StringIO()))
     whole.on_fit_start(SimpleNamespace(history={"rounds": []}), 4)  # type: ignore[arg-type]
     expected = []

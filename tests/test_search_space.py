@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Reference, assert_members_equal, make_batches, reference_model, tiny_mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +22,6 @@ from popvec.search.files import load_config, load_space
 from popvec.search.run import build_optimizer
 from popvec.search.space import Choice, LogUniform, SearchSpace, Uniform
 from popvec.trainer import PopulationTrainer
-from conftest import Reference, assert_members_equal, make_batches, reference_model, tiny_mlp
 
 SPACE = SearchSpace({"lr": LogUniform(1e-4, 1e-1), "weight_decay": Uniform(0.0, 1e-3), "beta2": Choice([0.99, 0.999])})
 
@@ -41,8 +41,12 @@ def test_sampling_is_deterministic_and_seeded() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    low=st.floats(1e-8, 1e3), ratio=st.floats(1.0, 1e6), n=st.integers(1, 64), seed=st.integers(0, 2**40),
-    ulow=st.floats(-1e3, 1e3), width=st.floats(0.0, 1e3),
+    low=st.floats(1e-8, 1e3),
+    ratio=st.floats(1.0, 1e6),
+    n=st.integers(1, 64),
+    seed=st.integers(0, 2**40),
+    ulow=st.floats(-1e3, 1e3),
+    width=st.floats(0.0, 1e3),
 )
 def test_samples_stay_within_bounds(low: float, ratio: float, n: int, seed: int, ulow: float, width: float) -> None:
     high = low * ratio
@@ -96,7 +100,10 @@ def test_space_from_toml(tmp_path: Path) -> None:
     )
     space = load_space(path)
     assert space.params == {
-        "lr": LogUniform(1e-4, 1e-1), "label_smoothing": Uniform(0.0, 0.2), "momentum": Choice([0.0, 0.9]), "beta2": Choice([0.99]),
+        "lr": LogUniform(1e-4, 1e-1),
+        "label_smoothing": Uniform(0.0, 0.2),
+        "momentum": Choice([0.0, 0.9]),
+        "beta2": Choice([0.99]),
     }
     assert SearchSpace.from_dict(space.to_dict()).params == space.params
 

@@ -99,7 +99,9 @@ def test_data_subsets_are_seeded_and_nested() -> None:
 def test_run_staged_survivors_continue(single_thread) -> None:
     data = load_dataset("digits")
     stages = [Stage("S0", 4, 0.1, 0.5), Stage("S1", 6, 0.5, 0.5), Stage("S3", 10, 1.0, 1.0)]
-    trainer = make_trainer(model_factory("mlp", data.input_shape, 10, hidden=(16,)), SearchSpace({"lr": LogUniform(1e-3, 1e-1)}).sample(8, 0), progress=False)
+    trainer = make_trainer(
+        model_factory("mlp", data.input_shape, 10, hidden=(16,)), SearchSpace({"lr": LogUniform(1e-3, 1e-1)}).sample(8, 0), progress=False
+    )
     history = run_staged(trainer, stages, data.train, data.val, batch_size=32)
     assert [r["step"] for r in history["rounds"]] == [4, 10, 20]
     assert [len(r["members"]) for r in history["rounds"]] == [8, 4, 2]

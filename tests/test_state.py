@@ -32,8 +32,13 @@ def split(samples: int = 96, seed: int = 0) -> TensorSplit:
 def full_state(model_fn: Any = tiny_cnn) -> PopulationState:
     """A state whose every per-member field differs between members, after a few steps."""
     pop = Population.from_factory(model_fn, N, seed=0)
-    opt = optim.Adam(pop, lr=[1e-3, 2e-3, 3e-3, 4e-3], betas=([0.9, 0.8, 0.7, 0.6], 0.999), max_grad_norm=[1.0, 2.0, 3.0, 4.0],
-                     schedule=cosine(torch.tensor([10.0, 20.0, 30.0, 40.0])))
+    opt = optim.Adam(
+        pop,
+        lr=[1e-3, 2e-3, 3e-3, 4e-3],
+        betas=([0.9, 0.8, 0.7, 0.6], 0.999),
+        max_grad_norm=[1.0, 2.0, 3.0, 4.0],
+        schedule=cosine(torch.tensor([10.0, 20.0, 30.0, 40.0])),
+    )
     state = PopulationState(pop, opt, {"label_smoothing": [0.0, 0.1, 0.2, 0.3]}, active=[True, False, True, True])
     state.attach_source(DeviceSource(DeviceLoader(split(), BATCH, num_members=N, seed=5)))
     trainer = PopulationTrainer(pop, opt, loss_fn=cross_entropy, callbacks=[])
@@ -89,7 +94,9 @@ def test_take_leaves_the_source_state_untouched() -> None:
         assert_same(member_view(state, i), before[i])
     # the two states own their tensors: training the taken one leaves the original as saved
     x, y = taken.source.next_batch()  # type: ignore[union-attr]
-    PopulationTrainer(taken.population, taken.optimizer, loss_fn=cross_entropy, loss_hparams=taken.loss_hparams, callbacks=[]).step(x, y, True)
+    PopulationTrainer(taken.population, taken.optimizer, loss_fn=cross_entropy, loss_hparams=taken.loss_hparams, callbacks=[]).step(
+        x, y, True
+    )
     for k, v in saved["population"]["params"].items():
         assert torch.equal(state.population.params[k], v)
     assert state.source.loader.position == 3  # type: ignore[union-attr]
@@ -161,8 +168,18 @@ def test_the_loop_prints_nothing_and_calls_the_hooks_in_order(capsys: pytest.Cap
     trainer.fit(DeviceLoader(split(), BATCH, seed=0), split(32, seed=1), 5, SuccessiveHalving(2, 0.5))
     assert capsys.readouterr().out == ""
     assert recorder.events == [
-        ("start", 5), ("segment", 2), ("step", 1), ("step", 2), ("round", 2),
-        ("segment", 2), ("step", 3), ("step", 4), ("round", 4), ("segment", 1), ("step", 5), ("end", 5),
+        ("start", 5),
+        ("segment", 2),
+        ("step", 1),
+        ("step", 2),
+        ("round", 2),
+        ("segment", 2),
+        ("step", 3),
+        ("step", 4),
+        ("round", 4),
+        ("segment", 1),
+        ("step", 5),
+        ("end", 5),
     ]
 
 

@@ -52,8 +52,16 @@ def small(digits: DatasetSplits) -> DatasetSplits:
 
 def make_trainer(num_models: int = 6, num_elim_steps: int = 5, reduce_factor: float = 0.5, **kw: Any) -> MultipleInitializationsTrainer:
     return MultipleInitializationsTrainer(
-        mlp, adam, num_models=num_models, num_elim_steps=num_elim_steps, reduce_factor=reduce_factor,
-        device="cpu", seed=SEED, console=quiet(), progress=False, **kw,
+        mlp,
+        adam,
+        num_models=num_models,
+        num_elim_steps=num_elim_steps,
+        reduce_factor=reduce_factor,
+        device="cpu",
+        seed=SEED,
+        console=quiet(),
+        progress=False,
+        **kw,
     )
 
 
@@ -269,9 +277,7 @@ def test_matches_reference_when_budget_ends_before_elimination(small: DatasetSpl
     """10 members, elimination every 4 steps, 5 steps in all: 10 -> 5 at step 4, then 5 -> 1 at step 5."""
     trainer = make_trainer(10, 4, 0.5)
     winner = trainer.train(DeviceLoader(small.train, BATCH, seed=1), small.val, num_epochs=1)
-    ref_id, ref_model, ref_kept = reference_elimination(
-        mlp, 10, SEED, DeviceLoader(small.train, BATCH, seed=1), small.val, 5, 4, 0.5
-    )
+    ref_id, ref_model, ref_kept = reference_elimination(mlp, 10, SEED, DeviceLoader(small.train, BATCH, seed=1), small.val, 5, 4, 0.5)
     assert [len(k) for k in ref_kept] == [5, 1]
     assert [r["kept_ids"] for r in trainer.history["rounds"]] == ref_kept
     assert [r["step"] for r in trainer.history["rounds"]] == [4, 5]
@@ -466,15 +472,20 @@ def test_console_output_mentions_elimination(small: DatasetSplits) -> None:
 
     buffer = io.StringIO()
     trainer = MultipleInitializationsTrainer(
-        mlp, adam, num_models=4, num_elim_steps=2, reduce_factor=0.5, device="cpu",
-        console=Console(file=buffer, width=200), progress=False,
+        mlp,
+        adam,
+        num_models=4,
+        num_elim_steps=2,
+        reduce_factor=0.5,
+        device="cpu",
+        console=Console(file=buffer, width=200),
+        progress=False,
     )
     trainer.train(DeviceLoader(small.train, BATCH), small.val, num_epochs=1)
     text = buffer.getvalue()
     assert "Eliminated poor performers. Remaining models: 2" in text
     assert "Eliminated poor performers. Remaining models: 1" in text
     assert "Training complete! Best validation loss:" in text
-
 
 
 def test_nan_member_is_eliminated_first(small: DatasetSplits) -> None:

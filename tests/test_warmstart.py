@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from popvec import Population, cli
+from popvec.cli.warmstart import build_arms
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
 from popvec.studies.warmstart import Arm, phase_sizes, run_study
 from popvec.trainer import PopulationTrainer
-from popvec.cli.warmstart import build_arms
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -174,9 +174,22 @@ def test_online_members_stop_on_their_own_and_steps_are_exact() -> None:
         prev["s"] = now
 
     result = run_study(
-        tiny_mlp, train, test, protocol="online", arms=arms, replicates=2, optimizer="adam", lr=0.02,
-        batch_size=16, threshold=0.9, max_steps=150, check_every=1, chunk_size=32, seed=1,
-        on_phase_start=on_phase_start, on_step=on_step,
+        tiny_mlp,
+        train,
+        test,
+        protocol="online",
+        arms=arms,
+        replicates=2,
+        optimizer="adam",
+        lr=0.02,
+        batch_size=16,
+        threshold=0.9,
+        max_steps=150,
+        check_every=1,
+        chunk_size=32,
+        seed=1,
+        on_phase_start=on_phase_start,
+        on_step=on_step,
     )
     assert [p.samples for p in result.phases] == [32, 64, 96]
     assert any(mixed), "some step should train part of the stack only"
@@ -206,8 +219,18 @@ def test_phase_boundary_transforms() -> None:
     arms = [Arm("cold", "cold"), Arm("warm", "warm"), Arm.shrink_perturb(0.0, 1.0)]
     starts: list[dict[str, torch.Tensor]] = []
     result = run_study(
-        tiny_mlp, train, test, protocol="two-phase", arms=arms, replicates=1, lr=0.05, batch_size=16,
-        threshold=1.0, max_steps=3, check_every=1, seed=5,
+        tiny_mlp,
+        train,
+        test,
+        protocol="two-phase",
+        arms=arms,
+        replicates=1,
+        lr=0.05,
+        batch_size=16,
+        threshold=1.0,
+        max_steps=3,
+        check_every=1,
+        seed=5,
         on_phase_start=lambda phase, samples, pop: starts.append(stacks(pop)),
     )
     first, second = starts
@@ -250,7 +273,9 @@ def test_arm_validation() -> None:
 # --------------------------------------------------------------------------- CLI
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "popvec.cli", "warmstart", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "popvec.cli", "warmstart", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 TINY = ["--replicates", "1", "--max-steps", "4", "--check-every", "2", "--batch-size", "32", "--device", "cpu", "--no-progress"]
@@ -340,27 +365,61 @@ def reference_member(
         split = TensorSplit(train.x[order[:size]], train.y[order[:size]])
         loader = DeviceLoader(split, min(cfg["batch_size"], size), seed=cfg["seed"] + phase)
         t, norms = 0, []
-        while not ((t % cfg["check_every"] == 0 or t == cfg["max_steps"]) and (accuracy_and_loss(ref.model, split)[0] >= cfg["threshold"] or t >= cfg["max_steps"])):
+        while not (
+            (t % cfg["check_every"] == 0 or t == cfg["max_steps"])
+            and (accuracy_and_loss(ref.model, split)[0] >= cfg["threshold"] or t >= cfg["max_steps"])
+        ):
             ref.step(*loader.next_batch())
             norms.append(ref.last_grad_norm)
             t += 1
         train_acc = accuracy_and_loss(ref.model, split)[0]
         test_acc, test_loss = accuracy_and_loss(ref.model, test)
         mean_norm = sum(norms) / len(norms) if norms else math.nan
-        rows.append({"steps": t, "reached": train_acc >= cfg["threshold"], "train_accuracy": train_acc, "test_accuracy": test_acc, "test_loss": test_loss, "grad_norm": mean_norm})
+        rows.append(
+            {
+                "steps": t,
+                "reached": train_acc >= cfg["threshold"],
+                "train_accuracy": train_acc,
+                "test_accuracy": test_acc,
+                "test_loss": test_loss,
+                "grad_norm": mean_norm,
+            }
+        )
     return ref.model, rows
 
 
 REFERENCE_CASES = {
     "mlp-online-sgd": {
-        "model_fn": tiny_mlp, "protocol": "online", "sizes": {"chunk_size": 32}, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
-        "weight_decay": 1e-3, "opt_fn": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3), "reset_optimizer": True,
-        "batch_size": 16, "threshold": 0.85, "max_steps": 15, "check_every": 2, "seed": 4,
+        "model_fn": tiny_mlp,
+        "protocol": "online",
+        "sizes": {"chunk_size": 32},
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 1e-3,
+        "opt_fn": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+        "reset_optimizer": True,
+        "batch_size": 16,
+        "threshold": 0.85,
+        "max_steps": 15,
+        "check_every": 2,
+        "seed": 4,
     },
     "cnn-bn-two-phase-adam": {
-        "model_fn": tiny_cnn, "protocol": "two-phase", "sizes": {"fraction": 0.4}, "optimizer": "adam", "lr": 0.02, "momentum": 0.0,
-        "weight_decay": 0.0, "opt_fn": lambda p: torch.optim.Adam(p, lr=0.02), "reset_optimizer": False,
-        "batch_size": 16, "threshold": 0.6, "max_steps": 12, "check_every": 3, "seed": 2,
+        "model_fn": tiny_cnn,
+        "protocol": "two-phase",
+        "sizes": {"fraction": 0.4},
+        "optimizer": "adam",
+        "lr": 0.02,
+        "momentum": 0.0,
+        "weight_decay": 0.0,
+        "opt_fn": lambda p: torch.optim.Adam(p, lr=0.02),
+        "reset_optimizer": False,
+        "batch_size": 16,
+        "threshold": 0.6,
+        "max_steps": 12,
+        "check_every": 3,
+        "seed": 2,
     },
 }
 REFERENCE_ARMS = [Arm("cold", "cold"), Arm("warm", "warm"), Arm.shrink_perturb(0.5, 0.1)]
@@ -372,10 +431,23 @@ def test_study_matches_members_trained_one_at_a_time(case: str) -> None:
     cfg = REFERENCE_CASES[case]
     train, test = toy_data()
     result = run_study(
-        cfg["model_fn"], train, test, protocol=cfg["protocol"], arms=REFERENCE_ARMS, replicates=2, optimizer=cfg["optimizer"],
-        lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], batch_size=cfg["batch_size"],
-        threshold=cfg["threshold"], max_steps=cfg["max_steps"], check_every=cfg["check_every"],
-        reset_optimizer=cfg["reset_optimizer"], seed=cfg["seed"], **cfg["sizes"],
+        cfg["model_fn"],
+        train,
+        test,
+        protocol=cfg["protocol"],
+        arms=REFERENCE_ARMS,
+        replicates=2,
+        optimizer=cfg["optimizer"],
+        lr=cfg["lr"],
+        momentum=cfg["momentum"],
+        weight_decay=cfg["weight_decay"],
+        batch_size=cfg["batch_size"],
+        threshold=cfg["threshold"],
+        max_steps=cfg["max_steps"],
+        check_every=cfg["check_every"],
+        reset_optimizer=cfg["reset_optimizer"],
+        seed=cfg["seed"],
+        **cfg["sizes"],
     )
     assert result.population is not None
     stopped_early = 0
@@ -406,8 +478,20 @@ def test_an_arm_does_not_depend_on_the_arms_beside_it(model_fn: Any, threshold: 
 
     def study(arms: list[Arm]) -> Any:
         return run_study(
-            model_fn, train, test, protocol="online", arms=arms, replicates=2, optimizer="adam", lr=0.02, batch_size=16,
-            threshold=threshold, max_steps=12, check_every=3, chunk_size=32, seed=3,
+            model_fn,
+            train,
+            test,
+            protocol="online",
+            arms=arms,
+            replicates=2,
+            optimizer="adam",
+            lr=0.02,
+            batch_size=16,
+            threshold=threshold,
+            max_steps=12,
+            check_every=3,
+            chunk_size=32,
+            seed=3,
         )
 
     together, reversed_order = study(arms), study(arms[::-1])
@@ -422,12 +506,27 @@ def test_an_arm_does_not_depend_on_the_arms_beside_it(model_fn: Any, threshold: 
 # --------------------------------------------------------------------------- checkpoints and resume
 RESUME_CASES = {
     "mlp-online": {
-        "model_fn": tiny_mlp_dropout, "protocol": "online", "chunk_size": 32, "optimizer": "adam", "lr": 0.02, "threshold": 0.85,
-        "max_steps": 12, "check_every": 3, "seed": 1,
+        "model_fn": tiny_mlp_dropout,
+        "protocol": "online",
+        "chunk_size": 32,
+        "optimizer": "adam",
+        "lr": 0.02,
+        "threshold": 0.85,
+        "max_steps": 12,
+        "check_every": 3,
+        "seed": 1,
     },
     "cnn-bn-two-phase": {
-        "model_fn": tiny_cnn, "protocol": "two-phase", "fraction": 0.4, "optimizer": "adam", "lr": 0.02, "threshold": 0.6,
-        "max_steps": 12, "check_every": 3, "seed": 2, "reset_optimizer": False,
+        "model_fn": tiny_cnn,
+        "protocol": "two-phase",
+        "fraction": 0.4,
+        "optimizer": "adam",
+        "lr": 0.02,
+        "threshold": 0.6,
+        "max_steps": 12,
+        "check_every": 3,
+        "seed": 2,
+        "reset_optimizer": False,
     },
 }
 
@@ -460,8 +559,13 @@ def where(state: dict[str, Any], earlier: list[Point]) -> Point:
     the phase's closing checkpoint (a second one at the same step, written when the phase's fit ends)."""
     step = state["counters"]["global_step"]
     active = state["state"]["active"].tolist()
-    return {"phase": state["policy"]["phase"], "t": step - state["policy"]["start"], "step": step, "active": active,
-            "closing": any(p["step"] == step for p in earlier)}
+    return {
+        "phase": state["policy"]["phase"],
+        "t": step - state["policy"]["start"],
+        "step": step,
+        "active": active,
+        "closing": any(p["step"] == step for p in earlier),
+    }
 
 
 def interrupt_at(monkeypatch: pytest.MonkeyPatch, stop: Callable[[Point], bool]) -> list[Point]:

@@ -38,9 +38,23 @@ from popvec.models import model_factory, required_image_size
 from popvec.plots import MissingMatplotlib
 
 __all__ = [
-    "CONFIG_NAME", "Command", "Parser", "UsageError", "add_command", "check_batch_size", "config_for", "device_of", "interrupted_line",
-    "load_data", "one_line", "optimizer_factory", "refuse_existing_run", "resolve_device", "run_folder",
-    "save_plots", "with_run_folder",
+    "CONFIG_NAME",
+    "Command",
+    "Parser",
+    "UsageError",
+    "add_command",
+    "check_batch_size",
+    "config_for",
+    "device_of",
+    "interrupted_line",
+    "load_data",
+    "one_line",
+    "optimizer_factory",
+    "refuse_existing_run",
+    "resolve_device",
+    "run_folder",
+    "save_plots",
+    "with_run_folder",
 ]
 
 CONFIG_NAME = "config.json"

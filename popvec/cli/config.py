@@ -19,7 +19,18 @@ from popvec.cli.flags import flag
 from popvec.data import DATASET_NAMES
 from popvec.models import MODEL_NAMES
 
-__all__ = ["DataFlags", "DeviceFlags", "HparamFlags", "OptimizerFlags", "OutFlags", "PlotFlags", "RunFlags", "SeedFlags", "config", "device_name"]
+__all__ = [
+    "DataFlags",
+    "DeviceFlags",
+    "HparamFlags",
+    "OptimizerFlags",
+    "OutFlags",
+    "PlotFlags",
+    "RunFlags",
+    "SeedFlags",
+    "config",
+    "device_name",
+]
 
 #: Every config class: immutable, fields by keyword (shared groups can then be combined freely).
 config = dataclass(frozen=True, kw_only=True)

@@ -70,11 +70,27 @@ def run(config: HyperbandConfig, console: Console, resume: bool = False) -> int:
     with common.run_folder(config, resume) as out:
         try:
             result = hyperband(
-                model_fn, space, data.train, data.val, data.test, max_t=config.max_t, grace_period=config.grace_period,
-                reduction_factor=config.reduction_factor, brackets=config.brackets, unit_steps=config.unit_steps,
-                optimizer=config.optimizer, batch_size=config.batch_size, seed=config.seed, device=device, rule=config.rule,
-                side_by_side=not config.sequential, early_stopping=early_stopping(config), console=console,
-                progress=not config.no_progress, run_dir=out, resume=resume,
+                model_fn,
+                space,
+                data.train,
+                data.val,
+                data.test,
+                max_t=config.max_t,
+                grace_period=config.grace_period,
+                reduction_factor=config.reduction_factor,
+                brackets=config.brackets,
+                unit_steps=config.unit_steps,
+                optimizer=config.optimizer,
+                batch_size=config.batch_size,
+                seed=config.seed,
+                device=device,
+                rule=config.rule,
+                side_by_side=not config.sequential,
+                early_stopping=early_stopping(config),
+                console=console,
+                progress=not config.no_progress,
+                run_dir=out,
+                resume=resume,
             )
         except ValueError as err:
             raise library_error(err, LIBRARY_NAMES) from None

@@ -86,13 +86,29 @@ def run(config: InstabilityConfig, console: Console, resume: bool = False) -> in
                     progress.update(tasks[phase], completed=done, loss=f"{float(losses.mean()):.4f}")
 
             result = lmc.instability(
-                model_fn, common.optimizer_factory(config.optimizer, config.lr, config.momentum),
-                data.train, list(config.k1), config.k2, copies=config.copies, seed=config.seed, batch_size=config.batch_size,
-                eval_data=getattr(data, config.split), alphas=config.alphas, bn=config.bn, on_step=on_step,
-                run_dir=out, resume=resume,
+                model_fn,
+                common.optimizer_factory(config.optimizer, config.lr, config.momentum),
+                data.train,
+                list(config.k1),
+                config.k2,
+                copies=config.copies,
+                seed=config.seed,
+                batch_size=config.batch_size,
+                eval_data=getattr(data, config.split),
+                alphas=config.alphas,
+                bn=config.bn,
+                on_step=on_step,
+                run_dir=out,
+                resume=resume,
             )
     rows = [
-        {"k1": r["k1"], "loss barrier": r["loss_barrier"], "error barrier %": 100 * r["error_barrier"], "L2": r["l2"], "error %": 100 * r["error"]}
+        {
+            "k1": r["k1"],
+            "loss barrier": r["loss_barrier"],
+            "error barrier %": 100 * r["error_barrier"],
+            "L2": r["l2"],
+            "error %": 100 * r["error"],
+        }
         for r in result.rows()
     ]
     console.print(leaderboard_table(rows, title=f"Instability on {config.split}, k2 = {config.k2} (means over pairs of copies)"))

@@ -65,7 +65,9 @@ def _curve_table(result: lmc.InterpolationResult, title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for name in ("alpha", "loss", "error", "loss gap", "error gap"):
         table.add_column(name, justify="right")
-    for alpha, loss, error, loss_gap, error_gap in zip(*(t.tolist() for t in (result.alphas, result.loss, result.error, result.loss_gap, result.error_gap))):
+    for alpha, loss, error, loss_gap, error_gap in zip(
+        *(t.tolist() for t in (result.alphas, result.loss, result.error, result.loss_gap, result.error_gap))
+    ):
         table.add_row(f"{alpha:.3f}", f"{loss:.4f}", f"{100 * error:.2f}%", f"{loss_gap:+.4f}", f"{100 * error_gap:+.2f}%")
     return table
 

@@ -64,18 +64,35 @@ def run(config: PBTConfig, console: Console, resume: bool = False) -> int:
     with common.run_folder(config, resume) as out:
         try:
             result = pbt(
-                model_fn, space, data.train, data.val, data.test, num_models=config.num_models,
-                perturbation_interval=config.perturbation_interval, steps=config.steps, quantile_fraction=config.quantile_fraction,
-                resample_probability=config.resample_probability, optimizer=config.optimizer, batch_size=config.batch_size,
-                seed=config.seed, device=device, early_stopping=early_stopping(config), console=console,
-                progress=not config.no_progress, run_dir=out, resume=resume,
+                model_fn,
+                space,
+                data.train,
+                data.val,
+                data.test,
+                num_models=config.num_models,
+                perturbation_interval=config.perturbation_interval,
+                steps=config.steps,
+                quantile_fraction=config.quantile_fraction,
+                resample_probability=config.resample_probability,
+                optimizer=config.optimizer,
+                batch_size=config.batch_size,
+                seed=config.seed,
+                device=device,
+                early_stopping=early_stopping(config),
+                console=console,
+                progress=not config.no_progress,
+                run_dir=out,
+                resume=resume,
             )
         except ValueError as err:
             raise library_error(err, LIBRARY_NAMES) from None
     finish(result, space, out, console, "Final leaderboard (every member at the end)")
     if not config.no_plots:
-        common.save_plots(console, [
-            (plot_pbt_hparams, (result.history, out / "pbt_hparams.png")),
-            (plot_pbt_lineage, (result.history, out / "pbt_lineage.png")),
-        ])
+        common.save_plots(
+            console,
+            [
+                (plot_pbt_hparams, (result.history, out / "pbt_hparams.png")),
+                (plot_pbt_lineage, (result.history, out / "pbt_lineage.png")),
+            ],
+        )
     return 0

@@ -20,10 +20,10 @@ from popvec.cli.common import UsageError
 from popvec.cli.config import config
 from popvec.cli.flags import flag, option
 from popvec.losses import LOSS_HPARAMS
-from popvec.report import leaderboard_table, write_json
-from popvec.search.run import SearchResult, flat_rows
 from popvec.optim import OPTIMIZER_HPARAMS
+from popvec.report import leaderboard_table, write_json
 from popvec.search.files import load_space
+from popvec.search.run import SearchResult, flat_rows
 from popvec.search.space import LogUniform, SearchSpace, Uniform
 
 __all__ = ["SearchFlags", "early_stopping", "finish", "library_error", "search_space"]

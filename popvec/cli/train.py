@@ -122,6 +122,13 @@ def _leaderboard(history: dict[str, Any]) -> list[dict[str, Any]]:
             last[row["id"]] = {"round": record["round"], **row}
     rows = sorted(last.values(), key=lambda r: (-r["round"], not r["kept"], r["val_loss"], r["id"]))
     return [
-        {"rank": i + 1, "id": r["id"], "rounds": r["round"], "val_loss": r["val_loss"], "val_acc": r["val_accuracy"], "train_loss": r["train_loss"]}
+        {
+            "rank": i + 1,
+            "id": r["id"],
+            "rounds": r["round"],
+            "val_loss": r["val_loss"],
+            "val_acc": r["val_accuracy"],
+            "train_loss": r["train_loss"],
+        }
         for i, r in enumerate(rows)
     ]

@@ -71,7 +71,11 @@ class WarmstartConfig(DataFlags, OptimizerFlags, HparamFlags, SeedFlags, DeviceF
     chunk_size: int | None = flag(None, "online: samples per chunk (overrides --chunks)", parse=positive_int)
     replicates: int = flag(3, "members (seeds) per arm", parse=positive_int)
     sp: tuple[tuple[float, float], ...] | None = flag(
-        None, "a shrink-perturb arm (repeatable)", parse=number_pair("LAM,SIGMA", ordered=False, minimum=0.0), metavar="LAM,SIGMA", repeat=True
+        None,
+        "a shrink-perturb arm (repeatable)",
+        parse=number_pair("LAM,SIGMA", ordered=False, minimum=0.0),
+        metavar="LAM,SIGMA",
+        repeat=True,
     )
     no_cold: bool = flag(False, "leave out the cold-start arm")
     no_warm: bool = flag(False, "leave out the warm-start arm")
@@ -145,13 +149,31 @@ def run(config: WarmstartConfig, console: Console, resume: bool = False) -> int:
         with progress:
             try:
                 result = run_study(
-                    model_fn, data.train, data.test, protocol=config.protocol, arms=arms, replicates=config.replicates,
-                    optimizer=config.optimizer, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                    batch_size=config.batch_size, threshold=config.threshold, max_steps=config.max_steps,
-                    check_every=config.check_every, fraction=config.fraction, chunk_size=config.chunk_size, chunks=config.chunks,
-                    reset_optimizer=not config.keep_optimizer_state, seed=config.seed, device=device,
-                    on_phase_start=on_phase_start, on_step=on_step, on_phase_end=on_phase_end,
-                    run_dir=out, resume=resume,
+                    model_fn,
+                    data.train,
+                    data.test,
+                    protocol=config.protocol,
+                    arms=arms,
+                    replicates=config.replicates,
+                    optimizer=config.optimizer,
+                    lr=config.lr,
+                    momentum=config.momentum,
+                    weight_decay=config.weight_decay,
+                    batch_size=config.batch_size,
+                    threshold=config.threshold,
+                    max_steps=config.max_steps,
+                    check_every=config.check_every,
+                    fraction=config.fraction,
+                    chunk_size=config.chunk_size,
+                    chunks=config.chunks,
+                    reset_optimizer=not config.keep_optimizer_state,
+                    seed=config.seed,
+                    device=device,
+                    on_phase_start=on_phase_start,
+                    on_step=on_step,
+                    on_phase_end=on_phase_end,
+                    run_dir=out,
+                    resume=resume,
                 )
             except ValueError as err:  # settings that do not fit the data (e.g. --chunk-size larger than the set)
                 raise common.UsageError(common.one_line(err)) from None

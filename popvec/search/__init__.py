@@ -9,10 +9,10 @@ selection policy (:mod:`popvec.selection`) that the one training loop consults.
 
 from popvec.search import hyperband, pbt
 from popvec.search.early_stopping import EarlyStopping
+from popvec.search.files import load_space
 from popvec.search.hyperband import HyperbandPolicy, hyperband_brackets
 from popvec.search.pbt import PBT
 from popvec.search.run import SearchResult
-from popvec.search.files import load_space
 from popvec.search.space import Choice, LogUniform, SearchSpace, Uniform
 from popvec.search.staged import Stage, run_staged
 

@@ -114,7 +114,9 @@ def hyperband_brackets(
     top = s_max(max_t, grace, eta)
     count = top + 1 if brackets is None else checks.integer("brackets", brackets)
     if count > top + 1:
-        raise ValueError(f"brackets must be at most s_max + 1 = {top + 1} for max_t={max_t}, grace_period={grace}, reduction_factor={eta}; got {count}")
+        raise ValueError(
+            f"brackets must be at most s_max + 1 = {top + 1} for max_t={max_t}, grace_period={grace}, reduction_factor={eta}; got {count}"
+        )
     out = []
     for s in range(top, top - count, -1):
         n = -(-(top + 1) * eta**s // (s + 1))  # ceil((s_max + 1) / (s + 1) * eta**s), exactly
@@ -211,11 +213,20 @@ class HyperbandPolicy:
                         f"bracket {s} rung {rung.index} ({table.step} steps): {self.metric} {values[p]:.4g} ranked "
                         f"{place + 1} of {len(order)}; {len(kept)} continue"
                     )
-            events.append({
-                "bracket": s, "rung": rung.index, "resource": rung.resource, "step": table.step, "alive": len(order),
-                "kept": len(kept), "kept_ids": [table.ids[p] for p in kept], "pruned_ids": [table.ids[p] for p in pruned],
-                "best_id": table.ids[order[0]], "best": values[order[0]],
-            })
+            events.append(
+                {
+                    "bracket": s,
+                    "rung": rung.index,
+                    "resource": rung.resource,
+                    "step": table.step,
+                    "alive": len(order),
+                    "kept": len(kept),
+                    "kept_ids": [table.ids[p] for p in kept],
+                    "pruned_ids": [table.ids[p] for p in pruned],
+                    "best_id": table.ids[order[0]],
+                    "best": values[order[0]],
+                }
+            )
             if rung.index == len(self._by_s[s].rungs) - 1:
                 self._alive.discard(s)
         return Decision(sorted(keep), reasons=reasons, events=events)
@@ -335,9 +346,10 @@ def hyperband(
         policy: Any = HyperbandPolicy(list(bs), {i: bracket_of[i] for i in ids}, unit_steps, reduction_factor, metric, descending, rule)
         return EarlyStopping(policy, metric=metric, descending=descending, **early_stopping) if early_stopping else policy
 
+    layout = "side by side in one stack" if side_by_side else "one bracket after another"
     console.print(
         f"Hyperband: {len(table)} bracket(s) {[b.n for b in table]} = {total} members, max_t {table[0].rungs[-1].resource} units "
-        f"x {unit_steps} step(s), eta {reduction_factor}, rule {rule}, {'side by side in one stack' if side_by_side else 'one bracket after another'}"
+        f"x {unit_steps} step(s), eta {reduction_factor}, rule {rule}, {layout}"
     )
     runs = [(table, list(bracket_of))] if side_by_side else [([b], ids) for b, ids in blocks]
     # The run in progress when the checkpoint was written is the first one its ledger does not hold.
@@ -350,12 +362,22 @@ def hyperband(
         offset = ids[0]
         reporters = [HyperbandReporter(console, bracket_of, metric, descending, space.names, finished.rounds())] if progress else []
         trainer = make_trainer(
-            model_fn, {k: v[offset : offset + len(ids)] for k, v in values.items()}, optimizer, seed, device, console, progress,
-            ids=ids, seed_offset=offset, callbacks=[finished, *reporters],
+            model_fn,
+            {k: v[offset : offset + len(ids)] for k, v in values.items()},
+            optimizer,
+            seed,
+            device,
+            console,
+            progress,
+            ids=ids,
+            seed_offset=offset,
+            callbacks=[finished, *reporters],
         )
         if resume and index == first:
             resume_from(trainer, path)
-        trainer.fit(DeviceLoader(train, batch_size, seed=seed), val, max_steps, policy_for(bs, ids), checkpoint_path=path, on_round=on_round)
+        trainer.fit(
+            DeviceLoader(train, batch_size, seed=seed), val, max_steps, policy_for(bs, ids), checkpoint_path=path, on_round=on_round
+        )
         rows, winner = finish_run(trainer, val, test, metric, descending, extra)
         finished.add(trainer.history, rows, winner)
     rows = [row for run in finished.runs for row in run["rows"]]
@@ -373,9 +395,18 @@ def hyperband(
     history = {
         "kind": "hyperband",
         "config": {
-            "max_t": table[0].rungs[-1].resource, "grace_period": grace_period or min_resource or 1, "reduction_factor": reduction_factor,
-            "brackets": len(table), "unit_steps": unit_steps, "rule": rule, "side_by_side": side_by_side, "metric": metric,
-            "optimizer": optimizer, "batch_size": batch_size, "seed": seed, "space": space.to_dict(),
+            "max_t": table[0].rungs[-1].resource,
+            "grace_period": grace_period or min_resource or 1,
+            "reduction_factor": reduction_factor,
+            "brackets": len(table),
+            "unit_steps": unit_steps,
+            "rule": rule,
+            "side_by_side": side_by_side,
+            "metric": metric,
+            "optimizer": optimizer,
+            "batch_size": batch_size,
+            "seed": seed,
+            "space": space.to_dict(),
         },
         "brackets": [
             {"s": b.s, "n": b.n, "r": b.r, "rungs": [vars(r) for r in b.rungs], "member_steps": b.member_resource * unit_steps}

@@ -193,7 +193,16 @@ def pbt(
     for name, value in (("num_models", num_models), ("steps", steps), ("batch_size", batch_size)):
         checks.integer(name, value)
     path = checkpoint_file(run_dir, resume)
-    policy = PBT(perturbation_interval, space, quantile_fraction, resample_probability, metric=metric, descending=descending, seed=seed, final_step=steps)
+    policy = PBT(
+        perturbation_interval,
+        space,
+        quantile_fraction,
+        resample_probability,
+        metric=metric,
+        descending=descending,
+        seed=seed,
+        final_step=steps,
+    )
     wrapped: Any = EarlyStopping(policy, metric=metric, descending=descending, **early_stopping) if early_stopping else policy
     values = space.sample(num_models, seed)
     reporters = [PBTReporter(console, metric, descending, space.names)] if progress else []
@@ -210,15 +219,26 @@ def pbt(
     trajectory = [initial] + [
         {"step": r["step"], "ids": r["kept_ids"], "hparams": r["hparams_after"]} for r in trainer.history["rounds"] if "hparams_after" in r
     ]
-    final = {"step": trainer.global_step, "ids": trainer.population.ids.tolist(), "hparams": {k: v.tolist() for k, v in trainer.hparams().items()}}
+    final = {
+        "step": trainer.global_step,
+        "ids": trainer.population.ids.tolist(),
+        "hparams": {k: v.tolist() for k, v in trainer.hparams().items()},
+    }
     if trajectory[-1]["step"] != final["step"]:
         trajectory.append(final)
     history = {
         "kind": "pbt",
         "config": {
-            "num_models": num_models, "perturbation_interval": perturbation_interval, "steps": steps,
-            "quantile_fraction": quantile_fraction, "resample_probability": resample_probability, "optimizer": optimizer,
-            "batch_size": batch_size, "seed": seed, "metric": metric, "space": space.to_dict(),
+            "num_models": num_models,
+            "perturbation_interval": perturbation_interval,
+            "steps": steps,
+            "quantile_fraction": quantile_fraction,
+            "resample_probability": resample_probability,
+            "optimizer": optimizer,
+            "batch_size": batch_size,
+            "seed": seed,
+            "metric": metric,
+            "space": space.to_dict(),
         },
         "rounds": trainer.history["rounds"],
         "lineage": policy.lineage,

@@ -88,7 +88,9 @@ def plot_pbt_lineage(history: dict[str, Any], path: str | Path) -> Path:
         ax.hlines(member, 0, steps, color="0.85", lw=1)
     for event in history["lineage"]:
         ax.annotate(
-            "", xy=(event["step"], event["recipient"]), xytext=(event["step"], event["donor"]),
+            "",
+            xy=(event["step"], event["recipient"]),
+            xytext=(event["step"], event["donor"]),
             arrowprops={"arrowstyle": "->", "color": "tab:blue", "lw": 0.8},
         )
     ax.set_xlim(0, steps)

@@ -31,7 +31,7 @@ from popvec.checkpoint import load_checkpoint
 from popvec.engine import evaluate
 from popvec.losses import LOSS_HPARAMS, cross_entropy
 from popvec.population import Population
-from popvec.selection import rank, MetricsTable
+from popvec.selection import MetricsTable, rank
 from popvec.trainer import CHECKPOINT_NAME, PopulationTrainer
 
 __all__ = [
@@ -191,8 +191,11 @@ class SearchReporter(Callback):
             if math.isnan(value) or (self.best and not self._better(value, self.best["value"])):
                 continue
             self.best = {
-                "value": value, "id": row["id"], "step": record["step"],
-                "acc": row.get("val_accuracy", math.nan), "hparams": row.get("hparams", {}),
+                "value": value,
+                "id": row["id"],
+                "step": record["step"],
+                "acc": row.get("val_accuracy", math.nan),
+                "hparams": row.get("hparams", {}),
             }
 
     def _better(self, value: float, than: float) -> bool:

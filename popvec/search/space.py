@@ -23,16 +23,13 @@ import random
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from popvec import checks, optim
-from popvec.losses import LOSS_HPARAMS
-from popvec.population import Population
+from popvec import checks
 
 __all__ = [
     "LogUniform",
@@ -40,7 +37,6 @@ __all__ = [
     "Choice",
     "SearchSpace",
 ]
-
 
 
 @dataclass(frozen=True)
@@ -206,12 +202,21 @@ class SearchSpace:
             if isinstance(dist, Choice):
                 out[name] = {"distribution": "choice", "values": list(dist.values)}
             else:
-                out[name] = {"distribution": "loguniform" if isinstance(dist, LogUniform) else "uniform", "low": dist.low, "high": dist.high}
+                out[name] = {
+                    "distribution": "loguniform" if isinstance(dist, LogUniform) else "uniform",
+                    "low": dist.low,
+                    "high": dist.high,
+                }
         return out
 
 
-_MOVED = {"load_config": "popvec.search.files", "load_space": "popvec.search.files", "build_optimizer": "popvec.search.run",
-          "OPTIMIZERS": "popvec.optim", "OPTIMIZER_HPARAMS": "popvec.optim"}
+_MOVED = {
+    "load_config": "popvec.search.files",
+    "load_space": "popvec.search.files",
+    "build_optimizer": "popvec.search.run",
+    "OPTIMIZERS": "popvec.optim",
+    "OPTIMIZER_HPARAMS": "popvec.optim",
+}
 
 
 def __getattr__(name: str) -> Any:

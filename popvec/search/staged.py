@@ -29,8 +29,8 @@ from popvec import checks
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
 from popvec.search.early_stopping import EarlyStopping
-from popvec.search.run import resume_from
 from popvec.search.files import load_config
+from popvec.search.run import resume_from
 from popvec.selection import Decision, MetricsTable, rank
 from popvec.trainer import PopulationTrainer
 
@@ -78,7 +78,9 @@ def parse_stages(spec: Any, where: str = "stages") -> list[Stage]:
         if "steps" not in entry:
             raise ValueError(f"{where}[{i}]: steps is missing")
         try:
-            stages.append(Stage(str(entry.get("name", f"S{i}")), entry["steps"], entry.get("data_fraction", 1.0), entry.get("survival_rate", 1.0)))
+            stages.append(
+                Stage(str(entry.get("name", f"S{i}")), entry["steps"], entry.get("data_fraction", 1.0), entry.get("survival_rate", 1.0))
+            )
         except ValueError as err:
             raise ValueError(f"{where}[{i}] {err}") from None
     return stages
@@ -122,8 +124,11 @@ class StageCut:
         order = rank(table, self.metric, self.descending)
         k = self.stage.survivors(len(table))
         reasons = {
-            table.ids[p]: f"{self.stage.name}: {self.metric} {table.columns[self.metric][p]:.4g} ranked {place + 1} of {len(table)}; {k} go on"
-            for place, p in enumerate(order) if place >= k
+            table.ids[
+                p
+            ]: f"{self.stage.name}: {self.metric} {table.columns[self.metric][p]:.4g} ranked {place + 1} of {len(table)}; {k} go on"
+            for place, p in enumerate(order)
+            if place >= k
         }
         return Decision(order[:k], reasons=reasons, events=[{"stage": self.stage.name, "step": table.step, "alive": len(table), "kept": k}])
 

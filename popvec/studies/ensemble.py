@@ -80,9 +80,7 @@ def _subset_index(population: Population, members: IndexLike | None) -> Tensor |
 
 
 @torch.no_grad()
-def member_outputs(
-    population: Members, x: Tensor, members: IndexLike | None = None, chunk_size: int | None = None
-) -> Tensor:
+def member_outputs(population: Members, x: Tensor, members: IndexLike | None = None, chunk_size: int | None = None) -> Tensor:
     """Outputs ``[K, B, ...]`` of the members at positions ``members`` (default all) on a shared batch.
 
     Runs in eval mode (BatchNorm running statistics, no dropout); the population's mode is restored.
@@ -133,9 +131,7 @@ def ensemble_loss(combined: Tensor, y: Tensor, method: str = "mean_prob") -> Ten
     return torch.full((), math.nan, device=combined.device)
 
 
-def predict(
-    population: Members, x: Tensor, method: str = "mean_prob", members: IndexLike | None = None
-) -> Tensor:
+def predict(population: Members, x: Tensor, method: str = "mean_prob", members: IndexLike | None = None) -> Tensor:
     """The combined prediction ``[B, C]`` of ``members`` (default all) on ``x`` (see :func:`combine`)."""
     _check_method(method)
     return combine(member_outputs(population, x, members), method)
@@ -407,7 +403,7 @@ class JointTrainer:
             total, parts = self.objective(x, y, params)
             grads = torch.autograd.grad(total, [*params.values(), *head], allow_unused=True)
         member_grads = {k: g if g is not None else torch.zeros_like(params[k]) for k, g in zip(params, grads)}
-        head_grads = [g if g is not None else torch.zeros_like(p) for p, g in zip(head, grads[len(params):])]
+        head_grads = [g if g is not None else torch.zeros_like(p) for p, g in zip(head, grads[len(params) :])]
         return member_grads, head_grads, parts
 
     # ------------------------------------------------------------------ training

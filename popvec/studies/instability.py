@@ -28,8 +28,8 @@ from popvec.loaders import DeviceLoader
 from popvec.plots import new_figure, save_figure
 from popvec.population import Population
 from popvec.selection import MetricsTable
-from popvec.trainer import PopulationTrainer
 from popvec.studies.paths import BNMode, PathEvaluation, as_alphas, pair_barriers, path_evaluation
+from popvec.trainer import PopulationTrainer
 
 __all__ = ["InstabilityResult", "StepCallback", "instability"]
 
@@ -65,7 +65,9 @@ class InstabilityResult:
     def plot(self, path: str | Path) -> Path:
         """Write a PNG of the loss and error barriers vs k1 (needs matplotlib: ``pip install popvec[plot]``)."""
         figure = new_figure(9.0, 3.5)
-        for ax, values, label in zip(figure.subplots(1, 2), (self.loss_barrier, 100 * self.error_barrier), ("loss barrier", "error barrier (%)")):
+        for ax, values, label in zip(
+            figure.subplots(1, 2), (self.loss_barrier, 100 * self.error_barrier), ("loss barrier", "error barrier (%)")
+        ):
             ax.plot(self.k1, values.tolist(), marker="o")
             ax.set_xscale("symlog", linthresh=max(1, min([k for k in self.k1 if k > 0], default=1)))
             ax.axhline(0.0, color="gray", linewidth=0.8)
@@ -223,8 +225,12 @@ def instability(
         else:
             snapshots = _train_trunk(trainer, train, batch_size, seed, k1, folder, resume, on_step)
             trainer = PopulationTrainer(population, optimizer, loss_fn, callbacks=[])
-            trainer.state.load_state_dict({"population": _stack_states([s["population"] for s in snapshots]),
-                                           "optimizer": _stack_states([s["optimizer"] for s in snapshots])})
+            trainer.state.load_state_dict(
+                {
+                    "population": _stack_states([s["population"] for s in snapshots]),
+                    "optimizer": _stack_states([s["optimizer"] for s in snapshots]),
+                }
+            )
             trainer.select(torch.arange(len(k1)).repeat_interleave(copies))
         loader = DeviceLoader(train, batch_size, num_members=population.n, seed=seeds[0])
         loader.reseed(list(range(population.n)), seeds * len(k1))

@@ -135,7 +135,7 @@ def _path_forward(
     _set_submodule(model, name, interp)
     prefix = f"{name}."
     rest = {k: v for k, v in path.params.items() if not k.startswith(prefix)}
-    ends = [{k[len(prefix):]: v[0] for k, v in end.params.items() if k.startswith(prefix)} for end in (a, b)]
+    ends = [{k[len(prefix) :]: v[0] for k, v in end.params.items() if k.startswith(prefix)} for end in (a, b)]
     rest_a = {k: v[0] for k, v in a.params.items() if not k.startswith(prefix)}
     bufs_a = {k: v[0] for k, v in a.buffers.items()}
 
@@ -196,8 +196,9 @@ def _first_affine(skeleton: nn.Module, params: dict[str, Tensor], buffers: dict[
     own = {f"{name}.{k}" for k, _ in first.named_parameters()}
     if not own or not own <= set(params) or any(k.startswith(f"{name}.") for k in buffers):
         return None
-    if any(p is q for n, p in skeleton.named_parameters(remove_duplicate=False) if not n.startswith(f"{name}.")
-           for q in original.parameters()):
+    if any(
+        p is q for n, p in skeleton.named_parameters(remove_duplicate=False) if not n.startswith(f"{name}.") for q in original.parameters()
+    ):
         return None  # tied weights
     if not isinstance(inp, Tensor) or not (
         inp is x or (inp.data_ptr() == x.data_ptr() and inp.numel() == x.numel() and inp.is_contiguous() and x.is_contiguous())
@@ -230,9 +231,17 @@ def _capture(model: nn.Module, interp: _Interpolated, params: dict[str, Tensor],
 
 
 def _shortcut_forward(
-    fn: Callable[..., Tensor], model: nn.Module, interp: _Interpolated, original: nn.Module,
-    ends: list[dict[str, Tensor]], rest_a: dict[str, Tensor], bufs_a: dict[str, Tensor],
-    rest: dict[str, Tensor], buffers: dict[str, Tensor], alphas: Tensor, x: Tensor,
+    fn: Callable[..., Tensor],
+    model: nn.Module,
+    interp: _Interpolated,
+    original: nn.Module,
+    ends: list[dict[str, Tensor]],
+    rest_a: dict[str, Tensor],
+    bufs_a: dict[str, Tensor],
+    rest: dict[str, Tensor],
+    buffers: dict[str, Tensor],
+    alphas: Tensor,
+    x: Tensor,
 ) -> Tensor:
     """Outputs ``[K, B, ...]`` of the path on batch ``x``: the first layer's input captured (the
     forward stopped there), its two end outputs, then the rest vmapped over the alphas."""

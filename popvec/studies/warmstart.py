@@ -181,18 +181,20 @@ class WarmStartResult:
         for a, arm in enumerate(self.arms):
             members = self.arm_members(a)
             test = [last.test_accuracy[i] for i in members]
-            rows.append({
-                "arm": arm.name,
-                "members": len(members),
-                "final_test_accuracy": _mean(test),
-                "final_test_accuracy_std": _std(test),
-                "mean_test_accuracy": _mean([_mean([p.test_accuracy[i] for i in members]) for p in self.phases]),
-                "final_train_accuracy": _mean([last.train_accuracy[i] for i in members]),
-                "final_phase_steps": _mean([float(last.steps[i]) for i in members]),
-                "total_steps": _mean([float(sum(p.steps[i] for p in self.phases)) for i in members]),
-                "time_s": _mean([sum(p.time_s[i] for p in self.phases) for i in members]),
-                "reached_all": all(p.reached[i] for p in self.phases for i in members),
-            })
+            rows.append(
+                {
+                    "arm": arm.name,
+                    "members": len(members),
+                    "final_test_accuracy": _mean(test),
+                    "final_test_accuracy_std": _std(test),
+                    "mean_test_accuracy": _mean([_mean([p.test_accuracy[i] for i in members]) for p in self.phases]),
+                    "final_train_accuracy": _mean([last.train_accuracy[i] for i in members]),
+                    "final_phase_steps": _mean([float(last.steps[i]) for i in members]),
+                    "total_steps": _mean([float(sum(p.steps[i] for p in self.phases)) for i in members]),
+                    "time_s": _mean([sum(p.time_s[i] for p in self.phases) for i in members]),
+                    "reached_all": all(p.reached[i] for p in self.phases for i in members),
+                }
+            )
         return rows
 
     def to_dict(self) -> dict[str, Any]:
@@ -588,10 +590,21 @@ def run_study(
         arms,
         members.member_arm,
         config={
-            "protocol": protocol, "replicates": replicates, "optimizer": optimizer, "lr": lr, "momentum": momentum,
-            "weight_decay": weight_decay, "batch_size": batch_size, "threshold": threshold, "max_steps": max_steps,
-            "check_every": check_every, "phase_sizes": sizes, "reset_optimizer": reset_optimizer, "seed": seed,
-            "train_samples": len(train), "test_samples": len(test),
+            "protocol": protocol,
+            "replicates": replicates,
+            "optimizer": optimizer,
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "batch_size": batch_size,
+            "threshold": threshold,
+            "max_steps": max_steps,
+            "check_every": check_every,
+            "phase_sizes": sizes,
+            "reset_optimizer": reset_optimizer,
+            "seed": seed,
+            "train_samples": len(train),
+            "test_samples": len(test),
         },
     )
     recorder = PhaseRecorder({**result.config, "arms": [asdict(a) for a in arms]}, on_step)
