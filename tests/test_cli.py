@@ -61,6 +61,7 @@ def load_winner(path: Path) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------------------- smoke
+@pytest.mark.slow
 def test_cli_train_smoke(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = run_python(["-m", "popvec.cli", "train", *TINY, "--out", str(out)], cwd=tmp_path)
@@ -96,6 +97,7 @@ def test_cli_train_smoke(tmp_path: Path) -> None:
     assert summary["test_accuracy"] == pytest.approx(float((test_out.argmax(-1) == data.test.y).float().mean()), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_example_script_runs(tmp_path: Path) -> None:
     proc = run_python(
         [
@@ -118,6 +120,7 @@ def test_example_script_runs(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- bad flags
+@pytest.mark.slow
 def test_bad_flag_subprocess_one_line_exit_2(tmp_path: Path) -> None:
     proc = run_python(["-m", "popvec.cli", "train", "--reduce-factor", "1.5", "--out", str(tmp_path / "r")], cwd=tmp_path)
     assert proc.returncode == 2
@@ -198,6 +201,7 @@ def without_wall_time(history: dict[str, Any]) -> dict[str, Any]:
     return {**history, "cost": {k: v for k, v in history["cost"].items() if k != "wall_time_s"}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--per-member-data"]], ids=["shared", "per_member"])
 def test_resume_interrupted_run_equals_uninterrupted(
     extra: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -426,6 +430,7 @@ def test_resume_refuses_a_config_of_another_command(tmp_path: Path, capsys: pyte
     assert "--resume" in line and str(run_dir / "config.json") in line and "unknown key" in line
 
 
+@pytest.mark.slow
 def test_train_killed_before_its_first_checkpoint_resumes_by_starting_over(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fresh = tmp_path / "fresh"
     assert (
@@ -470,6 +475,7 @@ LIBRARY_FUNCTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(LIBRARY_FUNCTIONS))
 def test_resume_passes_the_run_folder_to_the_library(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     owner, attr = LIBRARY_FUNCTIONS[name]

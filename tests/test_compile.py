@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import ATOL, RTOL, make_batches, tiny_mlp
 
@@ -10,6 +11,7 @@ from popvec import Population
 from popvec.engine import TrainStep
 
 
+@pytest.mark.slow
 def test_compiled_step_equals_eager() -> None:
     runs = []
     for compile in (False, True):

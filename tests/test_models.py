@@ -96,6 +96,7 @@ def test_mlp_dropout_layers() -> None:
     assert sum(isinstance(m, nn.Dropout) for m in MLP(64, (32, 32), dropout=0.2).modules()) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n != "resnet18"])
 def test_vmap_matches_individual_models(name: str) -> None:
     shape = INPUT_SHAPES[name]

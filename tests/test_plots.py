@@ -117,6 +117,7 @@ def test_without_matplotlib_every_plot_says_how_to_install_it(tmp_path: Path) ->
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("no_matplotlib")
 def test_warmstart_cli_without_matplotlib_prints_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = [

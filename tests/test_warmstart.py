@@ -281,6 +281,7 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 TINY = ["--replicates", "1", "--max-steps", "4", "--check-every", "2", "--batch-size", "32", "--device", "cpu", "--no-progress"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol, model", [("online", "mlp"), ("two-phase", "logreg")])
 def test_cli_smoke(tmp_path: Path, protocol: str, model: str) -> None:
     out = tmp_path / "ws"
