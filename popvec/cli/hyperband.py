@@ -24,10 +24,8 @@ from popvec.cli.config import (
 from popvec.cli.flags import flag
 from popvec.cli.search import (
     SearchFlags,
-    early_stopping,
-    finish,
     library_error,
-    search_space,
+    run_search,
 )
 from popvec.search.hyperband import hyperband, hyperband_brackets
 from popvec.search.plots import plot_hyperband
@@ -63,38 +61,17 @@ def run(config: HyperbandConfig, console: Console, resume: bool = False) -> int:
         hyperband_brackets(config.max_t, config.grace_period, config.reduction_factor, config.brackets)
     except ValueError as err:
         raise library_error(err, LIBRARY_NAMES) from None
-    space = search_space(config)
-    device = common.device_of(config)
-    data, model_fn = common.load_data(config, device)
-    common.check_batch_size(config.batch_size, data)
-    with common.run_folder(config, resume) as out:
-        try:
-            result = hyperband(
-                model_fn,
-                space,
-                data.train,
-                data.val,
-                data.test,
-                max_t=config.max_t,
-                grace_period=config.grace_period,
-                reduction_factor=config.reduction_factor,
-                brackets=config.brackets,
-                unit_steps=config.unit_steps,
-                optimizer=config.optimizer,
-                batch_size=config.batch_size,
-                seed=config.seed,
-                device=device,
-                rule=config.rule,
-                side_by_side=not config.sequential,
-                early_stopping=early_stopping(config),
-                console=console,
-                progress=not config.no_progress,
-                run_dir=out,
-                resume=resume,
-            )
-        except ValueError as err:
-            raise library_error(err, LIBRARY_NAMES) from None
-    finish(result, space, out, console, "Final leaderboard (survivors of the last rung of every bracket)")
-    if not config.no_plots:
-        common.save_plots(console, [(plot_hyperband, (result.history, out / "hyperband_val_loss.png"))])
-    return 0
+    specific = {
+        "max_t": config.max_t,
+        "grace_period": config.grace_period,
+        "reduction_factor": config.reduction_factor,
+        "brackets": config.brackets,
+        "unit_steps": config.unit_steps,
+        "rule": config.rule,
+        "side_by_side": not config.sequential,
+    }
+    return run_search(
+        config, console, resume, hyperband, specific, LIBRARY_NAMES,
+        "Final leaderboard (survivors of the last rung of every bracket)",
+        lambda result, out: [(plot_hyperband, (result.history, out / "hyperband_val_loss.png"))],
+    )  # fmt: skip

@@ -24,10 +24,7 @@ from popvec.cli.config import (
 from popvec.cli.flags import flag
 from popvec.cli.search import (
     SearchFlags,
-    early_stopping,
-    finish,
-    library_error,
-    search_space,
+    run_search,
 )
 from popvec.search.pbt import pbt
 from popvec.search.plots import plot_pbt_hparams, plot_pbt_lineage
@@ -57,42 +54,17 @@ def register(commands: Any) -> None:
 
 def run(config: PBTConfig, console: Console, resume: bool = False) -> int:
     """Run (or resume) PBT as ``config`` says; returns the exit code."""
-    space = search_space(config)
-    device = common.device_of(config)
-    data, model_fn = common.load_data(config, device)
-    common.check_batch_size(config.batch_size, data)
-    with common.run_folder(config, resume) as out:
-        try:
-            result = pbt(
-                model_fn,
-                space,
-                data.train,
-                data.val,
-                data.test,
-                num_models=config.num_models,
-                perturbation_interval=config.perturbation_interval,
-                steps=config.steps,
-                quantile_fraction=config.quantile_fraction,
-                resample_probability=config.resample_probability,
-                optimizer=config.optimizer,
-                batch_size=config.batch_size,
-                seed=config.seed,
-                device=device,
-                early_stopping=early_stopping(config),
-                console=console,
-                progress=not config.no_progress,
-                run_dir=out,
-                resume=resume,
-            )
-        except ValueError as err:
-            raise library_error(err, LIBRARY_NAMES) from None
-    finish(result, space, out, console, "Final leaderboard (every member at the end)")
-    if not config.no_plots:
-        common.save_plots(
-            console,
-            [
-                (plot_pbt_hparams, (result.history, out / "pbt_hparams.png")),
-                (plot_pbt_lineage, (result.history, out / "pbt_lineage.png")),
-            ],
-        )
-    return 0
+    specific = {
+        "num_models": config.num_models,
+        "perturbation_interval": config.perturbation_interval,
+        "steps": config.steps,
+        "quantile_fraction": config.quantile_fraction,
+        "resample_probability": config.resample_probability,
+    }
+    return run_search(
+        config, console, resume, pbt, specific, LIBRARY_NAMES, "Final leaderboard (every member at the end)",
+        lambda result, out: [
+            (plot_pbt_hparams, (result.history, out / "pbt_hparams.png")),
+            (plot_pbt_lineage, (result.history, out / "pbt_lineage.png")),
+        ],
+    )  # fmt: skip

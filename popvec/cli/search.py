@@ -9,12 +9,14 @@ leaderboard.json, summary.json and winner.pt to the run folder.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from rich.console import Console
 
+from popvec.cli import common
 from popvec.cli.argtypes import number_pair, positive_float, positive_int
 from popvec.cli.common import UsageError
 from popvec.cli.config import config
@@ -26,7 +28,7 @@ from popvec.search.files import load_space
 from popvec.search.run import SearchResult, flat_rows
 from popvec.search.space import LogUniform, SearchSpace, Uniform
 
-__all__ = ["SearchFlags", "early_stopping", "finish", "library_error", "search_space"]
+__all__ = ["SearchFlags", "early_stopping", "finish", "library_error", "run_search", "search_space"]
 
 RANGE_FLAGS = {  # field -> (hyperparameter, log-uniform when low > 0)
     "lr_range": ("lr", True),
@@ -100,6 +102,38 @@ def library_error(err: ValueError, names: tuple[str, ...]) -> UsageError:
     for name in names:
         message = message.replace(name, option(name))
     return UsageError(message)
+
+
+def run_search(
+    config: Any,
+    console: Console,
+    resume: bool,
+    search: Callable[..., SearchResult],
+    specific: dict[str, Any],
+    names: tuple[str, ...],
+    title: str,
+    plots: Callable[[SearchResult, Path], list[tuple[Callable[..., Any], tuple[Any, ...]]]],
+) -> int:
+    """What ``popvec hyperband`` and ``popvec pbt`` share: data, run folder, the call with the shared
+    settings plus the method's ``specific`` keywords, the leaderboard, files and plots."""
+    space = search_space(config)
+    device = common.device_of(config)
+    data, model_fn = common.load_data(config, device)
+    common.check_batch_size(config.batch_size, data)
+    with common.run_folder(config, resume) as out:
+        try:
+            result = search(
+                model_fn, space, data.train, data.val, data.test,
+                optimizer=config.optimizer, batch_size=config.batch_size, seed=config.seed, device=device,
+                early_stopping=early_stopping(config), console=console, progress=not config.no_progress,
+                run_dir=out, resume=resume, **specific,
+            )  # fmt: skip
+        except ValueError as err:
+            raise library_error(err, names) from None
+    finish(result, space, out, console, title)
+    if not config.no_plots:
+        common.save_plots(console, plots(result, out))
+    return 0
 
 
 def finish(result: SearchResult, space: SearchSpace, out: Path, console: Console, title: str) -> None:
