@@ -20,6 +20,7 @@ from popvec.cli.config import (
     DeviceFlags,
     HparamFlags,
     OptimizerFlags,
+    PlotFlags,
     RunFlags,
     SeedFlags,
     config,
@@ -44,7 +45,7 @@ def k1_list(text: str) -> tuple[int, ...]:
 
 
 @config
-class InstabilityConfig(CurveFlags, DataFlags, OptimizerFlags, HparamFlags, SeedFlags, DeviceFlags, RunFlags):
+class InstabilityConfig(CurveFlags, DataFlags, OptimizerFlags, HparamFlags, SeedFlags, DeviceFlags, PlotFlags, RunFlags):
     """``popvec instability``: spawn steps, copies, and how the trunk and the copies train."""
 
     COMMAND: ClassVar[str] = "instability"
@@ -114,5 +115,6 @@ def run(config: InstabilityConfig, console: Console, resume: bool = False) -> in
     console.print(leaderboard_table(rows, title=f"Instability on {config.split}, k2 = {config.k2} (means over pairs of copies)"))
     write_json(out / "instability.json", {"config": as_dict(config), **result.to_dict()})
     console.print(f"Table: {out / 'instability.json'}; trunk checkpoints: {out}/trunk_k1_<k1>.pt")
-    common.save_plots(console, [(result.plot, (out / "instability.png",))])
+    if not config.no_plots:
+        common.save_plots(console, [(result.plot, (out / "instability.png",))])
     return 0

@@ -16,7 +16,7 @@ from torch import nn
 
 from popvec.cli import common
 from popvec.cli.argtypes import integer
-from popvec.cli.config import DataFlags, DeviceFlags, OptimizerFlags, OutFlags, config
+from popvec.cli.config import DataFlags, DeviceFlags, OptimizerFlags, OutFlags, PlotFlags, config
 from popvec.cli.flags import as_dict, flag, override
 from popvec.data import DatasetSplits
 from popvec.models import build_model
@@ -35,7 +35,7 @@ class CurveFlags:
 
 
 @config
-class LMCConfig(CurveFlags, DataFlags, DeviceFlags, OutFlags):
+class LMCConfig(CurveFlags, DataFlags, DeviceFlags, PlotFlags, OutFlags):
     """``popvec lmc``: the two networks, where the curve is measured, and how finely."""
 
     COMMAND: ClassVar[str] = "lmc"
@@ -87,5 +87,6 @@ def run(config: LMCConfig, console: Console, resume: bool = False) -> int:
     )
     write_json(out / "lmc.json", {"config": as_dict(config), **result.to_dict()})
     console.print(f"Curve: {out / 'lmc.json'}")
-    common.save_plots(console, [(result.plot, (out / "lmc.png",))])
+    if not config.no_plots:
+        common.save_plots(console, [(result.plot, (out / "lmc.png",))])
     return 0
