@@ -118,7 +118,9 @@ class SuccessiveHalving:
     Ranking is by ``metric`` (validation loss by default) ascending, ties by member id; members
     whose metric is NaN rank last. Decisions stop once one member remains. With ``final_step``
     (the end of the budget), a last decision there keeps only the best member if more remain.
-    This is the progressive elimination of the Multiple Initializations framework.
+    This is the progressive elimination of the Multiple Initializations framework;
+    ``reduce_factor`` is the fraction kept, in (0, 1) (Hyperband's ``reduction_factor`` is the
+    integer eta a rung divides by: keeping 1/3 is ``reduce_factor=1/3`` here, ``reduction_factor=3`` there).
     """
 
     interval: int

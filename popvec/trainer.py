@@ -363,6 +363,8 @@ class MultipleInitializationsTrainer:
     ``max(1, int(n * reduce_factor))`` are kept, until one remains; the survivor then trains
     until ``num_epochs`` epochs of steps are done in total. Same arguments as the original
     one-model-at-a-time framework; member i is initialized by ``torch.manual_seed(seed + i)``.
+    ``reduce_factor`` is the *fraction kept* each round (that framework's name, in (0, 1)); it is
+    not Hyperband's ``reduction_factor``, the integer eta a rung *divides* by.
     """
 
     def __init__(

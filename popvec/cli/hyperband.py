@@ -44,7 +44,7 @@ class HyperbandConfig(SearchFlags, DataFlags, OptimizerFlags, SeedFlags, DeviceF
     RESUMABLE: ClassVar[bool] = True
     max_t: int = flag(81, "resource units of the longest run", parse=positive_int, aliases=("--max-resource",))
     grace_period: int = flag(1, "resource units of the shortest run", parse=positive_int, aliases=("--min-resource",))
-    reduction_factor: int = flag(3, "eta (>= 2)", parse=positive_int)
+    reduction_factor: int = flag(3, "eta (>= 2): a rung keeps 1/eta (not train's --reduce-factor, a fraction kept)", parse=positive_int)
     brackets: int | None = flag(None, "how many brackets (most aggressive first); 1 = successive halving", parse=positive_int)
     unit_steps: int = flag(1, "training steps per resource unit", parse=positive_int)
     rule: str = flag("sha", "rung rule: fixed counts (sha) or ASHA quantile", choices=("sha", "asha"))

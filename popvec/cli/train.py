@@ -41,7 +41,7 @@ class TrainConfig(DataFlags, OptimizerFlags, HparamFlags, SeedFlags, DeviceFlags
     RESUMABLE: ClassVar[bool] = True
     num_models: int = flag(10, "initializations to start with", parse=positive_int)
     num_elim_steps: int = flag(100, "steps between eliminations", parse=positive_int)
-    reduce_factor: float = flag(0.5, "fraction kept each round, in (0, 1)", parse=open_unit)
+    reduce_factor: float = flag(0.5, "fraction kept each round, in (0, 1) (not hyperband's --reduction-factor, a divisor)", parse=open_unit)
     epochs: int = flag(10, "epochs of steps in total", parse=positive_int)
     per_member_data: bool = flag(False, "each member draws its own seeded batch order")
     compile: bool = flag(False, "torch.compile the vmapped step")

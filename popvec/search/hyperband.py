@@ -6,7 +6,8 @@ starts ``n = ceil((s_max + 1) / (s + 1) * eta**s)`` members at ``r = max_t * eta
 rung ``i`` (``n_i = floor(n / eta**i)`` members at ``r_i = r * eta**i`` units) keeps the best
 ``floor(n_i / eta)``. The last rung of every bracket is at ``max_t``. Names as in Ray Tune and
 Optuna: ``max_t`` / ``max_resource``, ``grace_period`` / ``min_resource``, ``reduction_factor``
-(eta, default 3), ``brackets`` (how many brackets, most aggressive first; 1 = plain successive
+(eta, default 3: a rung keeps 1/eta; not the elimination trainer's ``reduce_factor``, which is the
+fraction kept), ``brackets`` (how many brackets, most aggressive first; 1 = plain successive
 halving).
 
 **Brackets run side by side in one stack** by default: every member of every bracket starts at
