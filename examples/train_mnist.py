@@ -9,10 +9,12 @@ out with the public API: load data onto the device, build the trainer, train, te
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from rich.console import Console
 
-from popvec import MultipleInitializationsTrainer, Population
+from popvec import MultipleInitializationsTrainer, Population, optim
 from popvec.cli import add_train_arguments, resolve_device
 from popvec.data import load_dataset
 from popvec.engine import evaluate
@@ -29,11 +31,17 @@ def main() -> None:
     device = resolve_device(args.device)
 
     data = load_dataset(args.dataset, args.data_dir, args.download, image_size=required_image_size(args.model)).to(device)
-    train_loader = DeviceLoader(data.train, args.batch_size, seed=args.seed)  # every member sees the same batches
+    # Every member sees the same batches, or (--per-member-data) each draws its own seeded order.
+    members = args.num_models if args.per_member_data else None
+    train_loader = DeviceLoader(data.train, args.batch_size, num_members=members, seed=args.seed)
+    # The vectorized optimizer by name; a torch.optim factory works too:
+    # optimizer_fn=lambda params: torch.optim.Adam(params, lr=args.lr)
+    hparams = {"lr": args.lr, **({"momentum": args.momentum} if args.optimizer == "sgd" else {})}
+    optimizer_fn = functools.partial(optim.OPTIMIZERS[args.optimizer], **hparams)
 
     trainer = MultipleInitializationsTrainer(
         model_fn=model_factory(args.model, data.input_shape, data.num_classes),
-        optimizer_fn=lambda params: torch.optim.Adam(params, lr=args.lr),
+        optimizer_fn=optimizer_fn,
         num_models=args.num_models,
         num_elim_steps=args.num_elim_steps,
         reduce_factor=args.reduce_factor,
@@ -41,6 +49,8 @@ def main() -> None:
         seed=args.seed,
         console=Console(),
         progress=not args.no_progress,
+        compile=args.compile,
+        member_chunk_size=args.member_chunk_size,
     )
     best_model = trainer.train(train_loader, data.val, criterion=torch.nn.CrossEntropyLoss(), num_epochs=args.epochs)
 
