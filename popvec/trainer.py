@@ -363,6 +363,7 @@ class MultipleInitializationsTrainer:
     ``max(1, int(n * reduce_factor))`` are kept, until one remains; the survivor then trains
     until ``num_epochs`` epochs of steps are done in total. Same arguments as the original
     one-model-at-a-time framework; member i is initialized by ``torch.manual_seed(seed + i)``.
+    ``callbacks`` are added after the console reporter (e.g. a :class:`~popvec.callbacks.HistoryLogger`).
     ``reduce_factor`` is the *fraction kept* each round (that framework's name, in (0, 1)); it is
     not Hyperband's ``reduction_factor``, the integer eta a rung *divides* by.
     """
@@ -380,6 +381,7 @@ class MultipleInitializationsTrainer:
         console: Console | None = None,
         progress: bool = True,
         member_chunk_size: int | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         checks.integer("num_models", num_models)
         checks.integer("num_elim_steps", num_elim_steps)
@@ -398,6 +400,7 @@ class MultipleInitializationsTrainer:
         self.console = console or Console()
         self.progress = progress
         self.member_chunk_size = member_chunk_size
+        self.callbacks = list(callbacks)
         self.trainer: PopulationTrainer | None = None
 
     @property
@@ -420,8 +423,8 @@ class MultipleInitializationsTrainer:
             criterion or F.cross_entropy,
             self.compile,
             console=self.console,
-            progress=self.progress,
             member_chunk_size=self.member_chunk_size,
+            callbacks=[ConsoleReporter(self.console, self.progress), *self.callbacks],
         )
         return self.trainer
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from rich.console import Console
 
+from popvec.checkpoint import save_checkpoint
 from popvec.cli import common
 from popvec.cli.argtypes import number_pair, positive_float, positive_int
 from popvec.cli.common import UsageError
@@ -143,7 +143,7 @@ def finish(result: SearchResult, space: SearchSpace, out: Path, console: Console
     write_json(out / "history.json", result.history)
     write_json(out / "leaderboard.json", result.leaderboard)
     write_json(out / "summary.json", {"best": result.best, "cost": result.cost})
-    torch.save(result.winner.state_dict(), out / "winner.pt")
+    save_checkpoint(out / "winner.pt", result.winner.state_dict())  # written atomically
     best = result.best
     test = f", test accuracy {100 * best['test_accuracy']:.2f}%" if "test_accuracy" in best else ""
     hp = ", ".join(f"{k}={v:.4g}" for k, v in best["hparams"].items() if k in space.params)

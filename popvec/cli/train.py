@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 from typing import Any, ClassVar
 
-import torch
 from rich.console import Console
 
+from popvec.callbacks import HistoryLogger
+from popvec.checkpoint import save_checkpoint
 from popvec.cli import common
 from popvec.cli.argtypes import open_unit, positive_int
 from popvec.cli.config import (
@@ -83,6 +84,7 @@ def run(config: TrainConfig, console: Console, resume: bool = False) -> int:
             console=console,
             progress=not config.no_progress,
             member_chunk_size=config.member_chunk_size,
+            callbacks=[HistoryLogger(out)],  # history.json and rounds.csv after every round
         )
         console.print(
             f"popvec train: {config.num_models} x {config.model} on {data.name} ({len(data.train)} train / {len(data.val)} val / "
@@ -99,7 +101,7 @@ def run(config: TrainConfig, console: Console, resume: bool = False) -> int:
         "test_accuracy": float(test["accuracy"][0]),
         "cost": history["cost"],
     }
-    torch.save(winner.state_dict(), out / "winner.pt")
+    save_checkpoint(out / "winner.pt", winner.state_dict())  # a plain state_dict, written atomically
     write_json(out / "history.json", history)
     leaderboard = _leaderboard(history)
     write_json(out / "leaderboard.json", leaderboard)
