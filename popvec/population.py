@@ -369,9 +369,12 @@ def spawn_indices(indices: IndexLike, copies: int, n: int) -> Tensor:
 
 
 def check_batch(x: Tensor, n: int, per_member: bool, name: str) -> None:
-    """Raise if a per-member batch's leading dimension is not N."""
+    """Raise if a per-member batch's leading dimension is not N, or the batch holds no sample."""
     if per_member and (x.dim() == 0 or x.shape[0] != n):
         raise ValueError(f"{name} must have leading dimension N={n} when per_member=True, got shape {tuple(x.shape)}")
+    samples = 1 if per_member else 0
+    if x.dim() <= samples or x.shape[samples] == 0:
+        raise ValueError(f"{name} must hold at least one sample (shape [B, ...], or [N, B, ...] per member), got shape {tuple(x.shape)}")
 
 
 def _get_tensor(module: nn.Module, name: str) -> Tensor:

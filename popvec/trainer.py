@@ -126,7 +126,8 @@ class PopulationTrainer:
         """Per-member ``{"loss": [N], "accuracy": [N]}`` over ``(x, y)``, a split, or a DataLoader."""
         if y is not None:
             data = (data, y)
-        return evaluate(self.population, data, self.loss_fn, batch_size or self.eval_batch_size)
+        batch = self.eval_batch_size if batch_size is None else checks.integer("batch_size", batch_size)
+        return evaluate(self.population, data, self.loss_fn, batch)
 
     def select(self, indices: IndexLike) -> None:
         """Keep, reorder or copy members: every per-member field of the state follows (one index)."""

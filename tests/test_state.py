@@ -273,3 +273,21 @@ def test_checkpoint_every_resumes_mid_round_exactly(tmp_path: Path, crash_at: in
         assert torch.equal(resumed.population.params[k], v), k
     strip = lambda h: {**h, "cost": {k: v for k, v in h["cost"].items() if k != "wall_time_s"}}  # noqa: E731
     assert strip(resumed.history) == strip(full.history)
+
+
+def test_an_empty_batch_is_refused_and_counts_no_step() -> None:
+    pop = Population.from_factory(tiny_mlp, N, seed=0)
+    trainer = PopulationTrainer(pop, optim.SGD(pop, lr=0.1), callbacks=[])
+    with pytest.raises(ValueError, match="at least one sample"):
+        trainer.step(torch.zeros(0, *IN_SHAPE), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least one sample"):
+        trainer.step(torch.zeros(N, 0, *IN_SHAPE), torch.zeros(N, 0, dtype=torch.long), per_member=True)
+    assert trainer.global_step == 0 and trainer.member_steps == 0
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_evaluate_refuses_a_bad_batch_size(batch_size: Any) -> None:
+    pop = Population.from_factory(tiny_mlp, N, seed=0)
+    trainer = PopulationTrainer(pop, optim.SGD(pop, lr=0.1), callbacks=[])
+    with pytest.raises(ValueError, match="batch_size"):
+        trainer.evaluate(split(32), batch_size=batch_size)
