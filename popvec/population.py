@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from popvec import checks
+from popvec import checks, diagnose
 
 __all__ = ["Population", "as_index", "as_mask", "member_seeds"]
 
@@ -325,20 +325,43 @@ class Population:
         return forward
 
     def forward(
-        self, x: Tensor, per_member: bool = False, member_chunk_size: int | None = None, *, chunk_size: int | None = None
+        self,
+        x: Tensor,
+        per_member: bool = False,
+        member_chunk_size: int | None = None,
+        *,
+        chunk_size: int | None = None,
+        randomness: str = "different",
     ) -> Tensor:
         """Outputs of every member: ``[N, B, ...]``.
 
         ``x`` is one shared batch ``[B, ...]`` (``per_member=False``) or one batch per member
         ``[N, B, ...]`` (``per_member=True``). In train mode BatchNorm running statistics of every
-        member are updated in place; dropout draws an independent mask per member.
+        member are updated in place; dropout draws an independent mask per member
+        (``randomness="different"``) or one mask shared by all (``"same"``).
         ``member_chunk_size`` bounds how many members run at once (memory); ``chunk_size`` is its
-        earlier name.
+        earlier name. Each member runs on its own copy of ``x``, so a forward that modifies its
+        input in place neither changes ``x`` nor depends on the chunking. What vmap cannot batch
+        raises a RuntimeError naming the module, the operation and a known fix.
         """
         check_batch(x, self.n, per_member, "x")
         chunk = member_chunk_size if member_chunk_size is not None else chunk_size
-        fn = vmap(self.functional(), in_dims=(0, 0, 0 if per_member else None), randomness="different", chunk_size=chunk)
-        return fn(self.params, self.buffers, x)
+        fn = vmap(
+            copying_inputs(self.functional()),
+            in_dims=(0, 0, 0 if per_member else None),
+            randomness=diagnose.check_randomness(randomness),
+            chunk_size=chunk,
+        )
+        try:
+            return fn(self.params, self.buffers, x)
+        except (RuntimeError, NotImplementedError) as error:
+            raise self._explained(error, "forward") from error
+
+    def _explained(self, error: BaseException, stage: str) -> BaseException:
+        """A RuntimeError for a vmap failure in ``stage``: the module that was running, the operation, a fix."""
+        if isinstance(error, diagnose.VmapError):
+            return error
+        return diagnose.VmapError(diagnose.explain(error, diagnose.innermost_module(error, self.skeleton), stage))
 
     __call__ = forward
 
@@ -404,6 +427,19 @@ class Population:
                 for k in self.trainable:
                     stacks[k].append(named[k].detach().clone())
         return {k: torch.stack(v) for k, v in stacks.items()}
+
+
+def copying_inputs(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` run on copies of its tensor arguments after the parameters and buffers.
+
+    Under vmap with ``member_chunk_size`` a shared batch is passed to every chunk: a forward that
+    modifies its input in place (``x.add_(1)``) would otherwise see the previous chunks' changes.
+    """
+
+    def run(params: dict[str, Tensor], buffers: dict[str, Tensor], *args: Any) -> Any:
+        return forward(params, buffers, *(a.clone() if isinstance(a, Tensor) else a for a in args))
+
+    return run
 
 
 def spawn_indices(indices: IndexLike, copies: int, n: int) -> Tensor:
