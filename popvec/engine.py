@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
-from popvec import checks
+from popvec import checks, diagnose
 from popvec.optim import Optimizer, grad_norm
 from popvec.population import Population, as_mask, check_batch
 
-__all__ = ["LossFn", "make_grad_fn", "TrainStep", "evaluate", "accumulate_metrics", "batch_accuracy"]
+__all__ = ["LossFn", "make_grad_fn", "preflight", "TrainStep", "evaluate", "accumulate_metrics", "batch_accuracy"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -31,6 +31,7 @@ def make_grad_fn(
     per_member: bool,
     member_chunk_size: int | None = None,
     with_loss_hparams: bool = False,
+    randomness: str = "different",
 ) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
     """``grad_fn(trainable, frozen, buffers, x, y) -> (grads, losses)`` for the whole stack.
 
@@ -42,24 +43,79 @@ def make_grad_fn(
     ``with_loss_hparams=True``: the function takes one more argument, a dict of ``[N]`` tensors
     (per-member loss hyperparameters such as label smoothing), and member i's loss is
     ``loss_fn(out, y, **{k: v[i]})`` (the values reach ``loss_fn`` as 0-d tensors).
+    ``randomness`` is vmap's: ``"different"`` (an independent dropout mask per member) or ``"same"``
+    (one mask shared by all members; needed by modules that draw random numbers in place into a
+    tensor shared by all members, such as stochastic depth). Each member's forward gets its own copy
+    of ``x``, so a forward that modifies its input in place gives the same results for any chunking.
     """
     skeleton = population.skeleton
+    randomness = diagnose.check_randomness(randomness)
 
     def member_loss(trainable: dict[str, Tensor], frozen: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        out = functional_call(skeleton, ({**trainable, **frozen}, buffers), (x,))
+        out = functional_call(skeleton, ({**trainable, **frozen}, buffers), (x.clone(),))
         return loss_fn(out, y)
 
     data_dim = 0 if per_member else None
     if with_loss_hparams:
 
         def member_loss_kw(trainable, frozen, buffers, x, y, loss_hparams):  # type: ignore[no-untyped-def]
-            out = functional_call(skeleton, ({**trainable, **frozen}, buffers), (x,))
+            out = functional_call(skeleton, ({**trainable, **frozen}, buffers), (x.clone(),))
             return loss_fn(out, y, **loss_hparams)
 
         return vmap(
-            grad_and_value(member_loss_kw), in_dims=(0, 0, 0, data_dim, data_dim, 0), randomness="different", chunk_size=member_chunk_size
+            grad_and_value(member_loss_kw), in_dims=(0, 0, 0, data_dim, data_dim, 0), randomness=randomness, chunk_size=member_chunk_size
         )
-    return vmap(grad_and_value(member_loss), in_dims=(0, 0, 0, data_dim, data_dim), randomness="different", chunk_size=member_chunk_size)
+    return vmap(grad_and_value(member_loss), in_dims=(0, 0, 0, data_dim, data_dim), randomness=randomness, chunk_size=member_chunk_size)
+
+
+def preflight(
+    population: Population,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn = F.cross_entropy,
+    per_member: bool = False,
+    loss_hparams: dict[str, Tensor] | None = None,
+    randomness: str = "different",
+) -> None:
+    """Check that a training step can run under vmap, before any training; raise a clear error if not.
+
+    Runs one forward/backward of at most two members on at most two samples of ``(x, y)`` under
+    ``vmap`` (as :func:`make_grad_fn` does). Nothing is changed: parameters are only read, buffers
+    (BatchNorm statistics) and the batch are copies, and the global RNG is restored. On failure raises
+    one RuntimeError (:class:`popvec.diagnose.VmapError`) naming the innermost module that was running,
+    the torch operation and a known fix (``randomness="same"`` for in-place random draws, no LSTM
+    batching rule, ``enable_nested_tensor=False`` for TransformerEncoder padding masks). The cost is
+    one tiny step; :class:`TrainStep` runs it once per batch shape.
+    """
+    members = min(population.n, 2)
+    samples = min(int(x.shape[1 if per_member else 0]) if x.dim() > int(per_member) else 1, 2)
+
+    def cut(t: Tensor) -> Tensor:
+        return (t[:members, :samples] if per_member else t[:samples]).clone()
+
+    probe = Population(
+        population.skeleton,
+        {k: v[:members] for k, v in population.params.items()},
+        {k: v[:members].clone() for k, v in population.buffers.items()},
+        trainable=population.trainable,
+    )
+    hparams = {k: v[:members] for k, v in (loss_hparams or {}).items()}
+    grad_fn = make_grad_fn(probe, loss_fn, per_member, None, bool(hparams), randomness)
+    trainable = {k: probe.params[k] for k in probe.trainable}
+    frozen = {k: v for k, v in probe.params.items() if k not in trainable}
+    xs, ys = cut(x), cut(y)
+    extra = (hparams,) if hparams else ()
+
+    was_training = population.training
+    devices = [x.device] if x.is_cuda else []
+    try:
+        population.train()
+        with torch.random.fork_rng(devices=devices):
+            grad_fn(trainable, frozen, probe.buffers, xs, ys, *extra)
+    except (RuntimeError, NotImplementedError) as error:
+        raise probe._explained(error, "training step") from error
+    finally:
+        population.train(was_training)
 
 
 class TrainStep:
@@ -71,6 +127,9 @@ class TrainStep:
     replays it: the per-step cost of the Python/vmap dispatch disappears. A graph is reused while
     the batch shape and every stacked tensor stay the same, and recorded again after a selection
     or any change of hyperparameter layout (a few eager warmup steps first).
+    ``randomness`` is passed to vmap (see :func:`make_grad_fn`). Before the first step of each batch
+    shape a :func:`preflight` (one tiny step on a slice) turns what vmap cannot batch into one clear
+    error naming the module and the fix.
     """
 
     warmup_steps = 2
@@ -83,8 +142,11 @@ class TrainStep:
         compile: bool = False,
         cuda_graph: bool | None = None,
         member_chunk_size: int | None = None,
+        randomness: str = "different",
     ) -> None:
         checks.optional_integer("member_chunk_size", member_chunk_size, 1)
+        self.randomness = diagnose.check_randomness(randomness)
+        self._preflown: set[tuple[Any, ...]] = set()
         self.population = population
         self.member_chunk_size = member_chunk_size
         self.optimizer = optimizer
@@ -103,7 +165,7 @@ class TrainStep:
     def _grad_fn(self, per_member: bool, with_loss_hparams: bool) -> Callable[..., Any]:
         key = (per_member, with_loss_hparams)
         if key not in self._grad_fns:
-            fn = make_grad_fn(self.population, self.loss_fn, per_member, self.member_chunk_size, with_loss_hparams)
+            fn = make_grad_fn(self.population, self.loss_fn, per_member, self.member_chunk_size, with_loss_hparams, self.randomness)
             self._grad_fns[key] = torch.compile(fn) if self.compile else fn
         return self._grad_fns[key]
 
@@ -127,6 +189,10 @@ class TrainStep:
         check_batch(x, pop.n, per_member, "x")
         check_batch(y, pop.n, per_member, "y")
         loss_hparams = loss_hparams or {}
+        shape_key = (per_member, tuple(x.shape), tuple(y.shape), tuple(sorted(loss_hparams)))
+        if shape_key not in self._preflown:  # once per batch shape: a clear error instead of a vmap one
+            preflight(pop, x, y, self.loss_fn, per_member, loss_hparams, self.randomness)
+            self._preflown.add(shape_key)
         if mask is not None:
             return self._masked_step(x, y, per_member, as_mask(mask, pop.n, pop.device), loss_hparams)
         if self._graphs_enabled(x):

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from popvec import checks
+from popvec import checks, diagnose
 
 __all__ = ["Population", "as_index", "as_mask", "member_seeds"]
 
@@ -46,10 +46,41 @@ def _named_tensors(module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tens
     return dict(module.named_parameters()), dict(module.named_buffers())
 
 
+def tie_groups(module: nn.Module) -> list[tuple[str, ...]]:
+    """Names that share one tensor (tied weights such as ``head.weight = emb.weight``), first name first.
+
+    ``named_parameters()`` lists a tied tensor once, under its first name; the population stacks it
+    once under that name and keeps the tie in its skeleton and in exported members, so both uses
+    train the one tensor exactly as in the torch model.
+    """
+    groups: dict[int, list[str]] = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        groups.setdefault(id(t), []).append(name)
+    return [tuple(names) for names in groups.values() if len(names) > 1]
+
+
+def retie(module: nn.Module, groups: Sequence[Sequence[str]]) -> nn.Module:
+    """Make every name of each group in ``groups`` refer to its first name's tensor again (in place).
+
+    ``Module.to``/``to_empty`` convert each occurrence of a tied tensor separately and so untie it.
+    """
+    for first, *others in groups:
+        shared = _get_tensor(module, first)
+        for name in others:
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            if attr in owner._parameters:
+                owner._parameters[attr] = shared  # type: ignore[assignment]
+            else:
+                owner._buffers[attr] = shared
+    return module
+
+
 def _signature(module: nn.Module) -> list[tuple[str, str, tuple[int, ...], torch.dtype]]:
     params, buffers = _named_tensors(module)
     sig = [("param", k, tuple(v.shape), v.dtype) for k, v in params.items()]
     sig += [("buffer", k, tuple(v.shape), v.dtype) for k, v in buffers.items()]
+    sig += [("tie", " = ".join(group), (), torch.bool) for group in tie_groups(module)]
     return sig
 
 
@@ -103,7 +134,13 @@ class Population:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_modules(cls, modules: Sequence[nn.Module]) -> Population:
-        """Stack ``modules`` (same class, same parameter/buffer names, shapes and dtypes)."""
+        """Stack ``modules`` (same class, same parameter/buffer names, shapes and dtypes, same ties).
+
+        Tied tensors (one tensor under several names, e.g. ``head.weight = emb.weight``) are stacked
+        once, under their first name; the skeleton keeps the tie, so ``functional_call`` passes the
+        one stacked tensor to every use and their gradients add up as in the torch model, and
+        :meth:`member` exports the tie.
+        """
         modules = list(modules)
         if not modules:
             raise ValueError("modules must hold at least one nn.Module")
@@ -118,7 +155,12 @@ class Population:
         params = {k: torch.stack([p[k].detach() for p, _ in named]) for k in first_params}
         buffers = {k: torch.stack([b[k].detach() for _, b in named]) for k in first_buffers}
         trainable = [k for k, v in first_params.items() if v.requires_grad]
-        skeleton = copy.deepcopy(modules[0]).to("meta")
+        ties = tie_groups(modules[0])
+        param_names = {name for name, _ in modules[0].named_parameters(remove_duplicate=False)}
+        mixed = [group for group in ties if len({name in param_names for name in group}) > 1]
+        if mixed:
+            raise ValueError(f"a tensor is both a parameter and a buffer (names {list(mixed[0])}): popvec cannot stack that tie")
+        skeleton = retie(copy.deepcopy(modules[0]).to("meta"), ties)
         skeleton.train(modules[0].training)
         return cls(skeleton, params, buffers, trainable=trainable)
 
@@ -233,7 +275,7 @@ class Population:
             target = _get_tensor(module, name)
             if target.dtype != stack.dtype:
                 target.data = target.data.to(stack.dtype)
-        module = module.to_empty(device=self.device)
+        module = retie(module.to_empty(device=self.device), tie_groups(self.skeleton))
         with torch.no_grad():
             for name, stack in stacks:
                 _get_tensor(module, name).copy_(stack[index])
@@ -283,20 +325,43 @@ class Population:
         return forward
 
     def forward(
-        self, x: Tensor, per_member: bool = False, member_chunk_size: int | None = None, *, chunk_size: int | None = None
+        self,
+        x: Tensor,
+        per_member: bool = False,
+        member_chunk_size: int | None = None,
+        *,
+        chunk_size: int | None = None,
+        randomness: str = "different",
     ) -> Tensor:
         """Outputs of every member: ``[N, B, ...]``.
 
         ``x`` is one shared batch ``[B, ...]`` (``per_member=False``) or one batch per member
         ``[N, B, ...]`` (``per_member=True``). In train mode BatchNorm running statistics of every
-        member are updated in place; dropout draws an independent mask per member.
+        member are updated in place; dropout draws an independent mask per member
+        (``randomness="different"``) or one mask shared by all (``"same"``).
         ``member_chunk_size`` bounds how many members run at once (memory); ``chunk_size`` is its
-        earlier name.
+        earlier name. Each member runs on its own copy of ``x``, so a forward that modifies its
+        input in place neither changes ``x`` nor depends on the chunking. What vmap cannot batch
+        raises a RuntimeError naming the module, the operation and a known fix.
         """
         check_batch(x, self.n, per_member, "x")
         chunk = member_chunk_size if member_chunk_size is not None else chunk_size
-        fn = vmap(self.functional(), in_dims=(0, 0, 0 if per_member else None), randomness="different", chunk_size=chunk)
-        return fn(self.params, self.buffers, x)
+        fn = vmap(
+            copying_inputs(self.functional()),
+            in_dims=(0, 0, 0 if per_member else None),
+            randomness=diagnose.check_randomness(randomness),
+            chunk_size=chunk,
+        )
+        try:
+            return fn(self.params, self.buffers, x)
+        except (RuntimeError, NotImplementedError) as error:
+            raise self._explained(error, "forward") from error
+
+    def _explained(self, error: BaseException, stage: str) -> BaseException:
+        """A RuntimeError for a vmap failure in ``stage``: the module that was running, the operation, a fix."""
+        if isinstance(error, diagnose.VmapError):
+            return error
+        return diagnose.VmapError(diagnose.explain(error, diagnose.innermost_module(error, self.skeleton), stage))
 
     __call__ = forward
 
@@ -344,6 +409,8 @@ class Population:
             if problem:
                 raise ValueError(f"model_fn must build the population's architecture: {problem}")
             return {k: fresh.params[k] for k in self.trainable}
+        # Left untied on purpose: each layer's reset then draws what it drew when the model was built
+        # (a tied model's constructor initializes both layers before tying them).
         module = copy.deepcopy(self.skeleton).to_empty(device="cpu")
         resets = [m for m in module.modules() if callable(getattr(m, "reset_parameters", None))]
         covered = {id(p) for m in resets for p in m.parameters(recurse=False)}
@@ -360,6 +427,19 @@ class Population:
                 for k in self.trainable:
                     stacks[k].append(named[k].detach().clone())
         return {k: torch.stack(v) for k, v in stacks.items()}
+
+
+def copying_inputs(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` run on copies of its tensor arguments after the parameters and buffers.
+
+    Under vmap with ``member_chunk_size`` a shared batch is passed to every chunk: a forward that
+    modifies its input in place (``x.add_(1)``) would otherwise see the previous chunks' changes.
+    """
+
+    def run(params: dict[str, Tensor], buffers: dict[str, Tensor], *args: Any) -> Any:
+        return forward(params, buffers, *(a.clone() if isinstance(a, Tensor) else a for a in args))
+
+    return run
 
 
 def spawn_indices(indices: IndexLike, copies: int, n: int) -> Tensor:

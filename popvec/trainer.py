@@ -40,7 +40,9 @@ class PopulationTrainer:
     id: train loss, validation loss and accuracy, kept or not) and the cost of the run (member-steps
     spent vs training every initial member for the whole budget). The loop prints nothing: progress
     and tables come from ``callbacks`` (default: one :class:`~popvec.callbacks.ConsoleReporter` on
-    ``console``, its live bar shown when ``progress``).
+    ``console``, its live bar shown when ``progress``). ``randomness`` is vmap's (``"different"``:
+    independent dropout masks per member; ``"same"``: shared masks, needed by in-place random draws
+    such as stochastic depth); the first step of each batch shape is preflighted for a clear error.
     """
 
     def __init__(
@@ -56,13 +58,14 @@ class PopulationTrainer:
         member_chunk_size: int | None = None,
         loss_hparams: Mapping[str, optim.HParam] | None = None,
         callbacks: Sequence[Callback] | None = None,
+        randomness: str = "different",
     ) -> None:
         self.state = PopulationState(population, optimizer, loss_hparams)
         self.loss_fn = loss_fn
         self.eval_batch_size = eval_batch_size
         self.console = console or Console()
         self.callbacks: list[Callback] = list(callbacks) if callbacks is not None else [ConsoleReporter(self.console, progress)]
-        self._train_step = TrainStep(population, optimizer, loss_fn, compile, cuda_graph, member_chunk_size)
+        self._train_step = TrainStep(population, optimizer, loss_fn, compile, cuda_graph, member_chunk_size, randomness)
         self.global_step = 0
         self.member_steps = 0
         self.samples_seen = 0
