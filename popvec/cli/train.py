@@ -101,7 +101,7 @@ def run(config: TrainConfig, console: Console, resume: bool = False) -> int:
             "test_accuracy": float(test["accuracy"][0]),
             "cost": history["cost"],
         }
-        save_checkpoint(out / "winner.pt", winner.state_dict())  # a plain state_dict, written atomically
+        save_checkpoint(out / "winner.pt", winner.state_dict())  # a plain state_dict, atomic, with winner.pt.sha256
         write_json(out / "history.json", history)
         leaderboard = _leaderboard(history)
         write_json(out / "leaderboard.json", leaderboard)
