@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from popvec import checks, optim
 from popvec.callbacks import Callback, ConsoleReporter
-from popvec.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from popvec.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from popvec.engine import LossFn, TrainStep, evaluate
 from popvec.loaders import as_source
 from popvec.population import IndexLike, Population, as_index, as_mask
@@ -349,7 +349,14 @@ class PopulationTrainer:
         save_checkpoint(path, self.state_dict())
 
     def load_checkpoint(self, path: str | Path) -> None:
-        self.load_state_dict(load_checkpoint(path, map_location=self.population.device))
+        """Restore the checkpoint at ``path``; :class:`~popvec.checkpoint.CheckpointError` (one line naming
+        it) when it is corrupted, unreadable, or not a trainer's checkpoint that fits this population."""
+        state = load_checkpoint(path, map_location=self.population.device)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, AttributeError, IndexError, RuntimeError, ValueError) as err:
+            detail = f"missing key {err}" if isinstance(err, KeyError) else " ".join(str(err).split())[:200]
+            raise CheckpointError(f"checkpoint {path} is not a checkpoint of this popvec run ({detail})") from None
 
 
 def _stateful(callbacks: Sequence[Callback]) -> dict[str, Callback]:

@@ -637,6 +637,9 @@ def test_resume_refuses_another_study(tmp_path: Path) -> None:
     run_case("mlp-online", run_dir=tmp_path)
     with pytest.raises(ValueError, match="another study .*settings differ: lr"):
         run_case("mlp-online", run_dir=tmp_path, resume=True, lr=0.03)
-    torch.save({"policy": None}, tmp_path / "checkpoint.pt")
+    torch.save({"policy": None}, tmp_path / "checkpoint.pt")  # a foreign file over popvec's: its checksum no longer fits
+    with pytest.raises(ValueError, match="checkpoint.pt is corrupted: sha256 mismatch"):
+        run_case("mlp-online", run_dir=tmp_path, resume=True)
+    (tmp_path / "checkpoint.pt.sha256").unlink()  # a foreign file without one is read, and refused for its keys
     with pytest.raises(ValueError, match="is not a warm-start study's checkpoint"):
         run_case("mlp-online", run_dir=tmp_path, resume=True)

@@ -36,6 +36,7 @@ from popvec.cli.flags import (
 from popvec.data import DatasetSplits, load_dataset
 from popvec.models import model_factory, required_image_size
 from popvec.plots import MissingMatplotlib
+from popvec.runlock import LOCK_NAME, RunLocked, clean_temp_files, lock_run_folder
 
 __all__ = [
     "CONFIG_NAME",
@@ -140,29 +141,44 @@ def refuse_existing_run(config: Any) -> None:
 
 @contextlib.contextmanager
 def run_folder(config: Any, resume: bool = False) -> Iterator[Path]:
-    """The run folder of ``config``; a new run writes ``config.json`` there first.
+    """The run folder of ``config``, locked for the whole ``with`` block; a new run writes ``config.json`` there first.
 
-    A folder that already holds a run (a ``config.json``) is refused. If the run then stops on a
+    The lock (``.lock``, see :mod:`popvec.runlock`) refuses a second run on the folder, new or
+    resumed, with one line naming the run that holds it; a lock left by a dead process on this
+    host is taken over. Once locked, temp files left by killed writes are removed. A folder that
+    already holds a run (a ``config.json``) is refused for a new run. If the run then stops on a
     :class:`UsageError` before writing anything else, the folder is left as it was found.
     """
     config = with_run_folder(config)
     folder = Path(config.out)
     record = folder / CONFIG_NAME
-    if resume:
-        yield folder
-        return
-    refuse_existing_run(config)
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    to_json(config, record)
-    try:
-        yield folder
-    except UsageError:
-        if [p.name for p in folder.iterdir()] == [CONFIG_NAME]:
-            record.unlink()
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(lock_run_folder(folder, f"popvec {config.COMMAND}" + (" --resume" if resume else "")))
+        except RunLocked as err:
+            raise UsageError(one_line(err)) from None
+        clean_temp_files(folder)
+        if resume:
+            yield folder
+            return
+        try:
+            refuse_existing_run(config)
+        except UsageError:
+            stack.close()
             if created:
                 folder.rmdir()
-        raise
+            raise
+        to_json(config, record)
+        try:
+            yield folder
+        except UsageError:
+            if [p.name for p in folder.iterdir() if p.name != LOCK_NAME] == [CONFIG_NAME]:
+                record.unlink()
+                stack.close()
+                if created:
+                    folder.rmdir()
+            raise
 
 
 def save_plots(console: Console, jobs: Iterable[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:

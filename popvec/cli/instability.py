@@ -102,19 +102,19 @@ def run(config: InstabilityConfig, console: Console, resume: bool = False) -> in
                 run_dir=out,
                 resume=resume,
             )
-    rows = [
-        {
-            "k1": r["k1"],
-            "loss barrier": r["loss_barrier"],
-            "error barrier %": 100 * r["error_barrier"],
-            "L2": r["l2"],
-            "error %": 100 * r["error"],
-        }
-        for r in result.rows()
-    ]
-    console.print(leaderboard_table(rows, title=f"Instability on {config.split}, k2 = {config.k2} (means over pairs of copies)"))
-    write_json(out / "instability.json", {"config": as_dict(config), **result.to_dict()})
-    console.print(f"Table: {out / 'instability.json'}; trunk checkpoints: {out}/trunk_k1_<k1>.pt")
-    if not config.no_plots:
-        common.save_plots(console, [(result.plot, (out / "instability.png",))])
+        rows = [
+            {
+                "k1": r["k1"],
+                "loss barrier": r["loss_barrier"],
+                "error barrier %": 100 * r["error_barrier"],
+                "L2": r["l2"],
+                "error %": 100 * r["error"],
+            }
+            for r in result.rows()
+        ]
+        console.print(leaderboard_table(rows, title=f"Instability on {config.split}, k2 = {config.k2} (means over pairs of copies)"))
+        write_json(out / "instability.json", {"config": as_dict(config), **result.to_dict()})
+        console.print(f"Table: {out / 'instability.json'}; trunk checkpoints: {out}/trunk_k1_<k1>.pt")
+        if not config.no_plots:
+            common.save_plots(console, [(result.plot, (out / "instability.png",))])
     return 0

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from popvec.checkpoint import CheckpointError, load_checkpoint
 from popvec.cli import common
 from popvec.cli.argtypes import integer
 from popvec.cli.config import DataFlags, DeviceFlags, OptimizerFlags, OutFlags, PlotFlags, config
@@ -54,7 +55,10 @@ def register(commands: Any) -> None:
 def _load_model(path: str, config: LMCConfig, data: DatasetSplits, device: torch.device) -> nn.Module:
     model = build_model(config.model, data.input_shape, data.num_classes)
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = load_checkpoint(path, map_location=device)  # checks the sha256 of a popvec winner.pt
+    except (FileNotFoundError, CheckpointError) as err:
+        raise common.UsageError(common.one_line(err)) from None
+    try:
         model.load_state_dict(state)
     except (OSError, RuntimeError, AttributeError, TypeError) as err:
         raise common.UsageError(f"{path} is not a --model {config.model} state_dict for {config.dataset}: {common.one_line(err)}") from None
@@ -80,13 +84,15 @@ def run(config: LMCConfig, console: Console, resume: bool = False) -> int:
     with common.run_folder(config) as out:
         split = getattr(data, config.split)
         result = lmc.interpolate(a, b, split, config.alphas, bn=config.bn, bn_data=data.train, batch_size=config.batch_size)
-    console.print(_curve_table(result, f"{config.a} -> {config.b} ({config.model} on {data.name} {config.split}, {len(split)} samples)"))
-    console.print(
-        f"loss barrier {result.loss_barrier:.4f}, error barrier {100 * result.error_barrier:.2f}%, "
-        f"L2 distance {result.l2:.3f} (BatchNorm statistics: {result.bn})"
-    )
-    write_json(out / "lmc.json", {"config": as_dict(config), **result.to_dict()})
-    console.print(f"Curve: {out / 'lmc.json'}")
-    if not config.no_plots:
-        common.save_plots(console, [(result.plot, (out / "lmc.png",))])
+        console.print(
+            _curve_table(result, f"{config.a} -> {config.b} ({config.model} on {data.name} {config.split}, {len(split)} samples)")
+        )
+        console.print(
+            f"loss barrier {result.loss_barrier:.4f}, error barrier {100 * result.error_barrier:.2f}%, "
+            f"L2 distance {result.l2:.3f} (BatchNorm statistics: {result.bn})"
+        )
+        write_json(out / "lmc.json", {"config": as_dict(config), **result.to_dict()})
+        console.print(f"Curve: {out / 'lmc.json'}")
+        if not config.no_plots:
+            common.save_plots(console, [(result.plot, (out / "lmc.png",))])
     return 0

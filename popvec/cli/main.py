@@ -2,7 +2,7 @@
 
 Every command module has a config class (its flags), ``register(commands)`` and a runner
 ``run(config, console, resume=False) -> int``. ``main`` parses the flags (or reads
-``--resume RUN_DIR``'s config.json), runs the command, and turns usage errors into one line, exit 2.
+``--resume RUN_DIR``'s config.json), runs the command, and turns usage errors and unusable checkpoints into one line, exit 2.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Any
 
 from rich.console import Console
 
+from popvec.checkpoint import CheckpointError
 from popvec.cli import hyperband, instability, lmc, pbt, train, warmstart
-from popvec.cli.common import Command, Parser, UsageError, config_for, interrupted_line
+from popvec.cli.common import Command, Parser, UsageError, config_for, interrupted_line, one_line
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -41,8 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config, resume = config_for(command, args, argv[argv.index(args.command) + 1 :])
         return command.run(config, console, resume=resume)
-    except UsageError as err:
-        command.parser.error(str(err))
+    except (UsageError, CheckpointError) as err:  # a corrupted or foreign checkpoint too: one line, exit 2
+        command.parser.error(one_line(err))
     except KeyboardInterrupt:
         console.print(interrupted_line(command, config))
         return 130

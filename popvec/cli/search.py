@@ -15,10 +15,10 @@ from typing import Any, ClassVar
 
 from rich.console import Console
 
-from popvec.checkpoint import save_checkpoint
+from popvec.checkpoint import CheckpointError, save_checkpoint
 from popvec.cli import common
 from popvec.cli.argtypes import number_pair, positive_float, positive_int
-from popvec.cli.common import UsageError
+from popvec.cli.common import UsageError, one_line
 from popvec.cli.config import config
 from popvec.cli.flags import flag, option
 from popvec.losses import LOSS_HPARAMS
@@ -128,11 +128,13 @@ def run_search(
                 early_stopping=early_stopping(config), console=console, progress=not config.no_progress,
                 run_dir=out, resume=resume, **specific,
             )  # fmt: skip
+        except CheckpointError as err:  # a corrupted checkpoint: its own line, the path left as it is
+            raise UsageError(one_line(err)) from None
         except ValueError as err:
             raise library_error(err, names) from None
-    finish(result, space, out, console, title)
-    if not config.no_plots:
-        common.save_plots(console, plots(result, out))
+        finish(result, space, out, console, title)
+        if not config.no_plots:
+            common.save_plots(console, plots(result, out))
     return 0
 
 

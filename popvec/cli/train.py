@@ -91,28 +91,28 @@ def run(config: TrainConfig, console: Console, resume: bool = False) -> int:
             f"{len(data.test)} test) on {device}; run folder {out}"
         )
         winner = trainer.train(train_loader, data.val, num_epochs=config.epochs, checkpoint_dir=out, resume=resume)
-    history = trainer.history
-    test = evaluate(Population.from_modules([winner]), data.test)
-    winner_id = int(trainer.population.ids[0])
-    summary = {
-        "winner_id": winner_id,
-        "best_val_loss": trainer.best_val_loss,
-        "test_loss": float(test["loss"][0]),
-        "test_accuracy": float(test["accuracy"][0]),
-        "cost": history["cost"],
-    }
-    save_checkpoint(out / "winner.pt", winner.state_dict())  # a plain state_dict, written atomically
-    write_json(out / "history.json", history)
-    leaderboard = _leaderboard(history)
-    write_json(out / "leaderboard.json", leaderboard)
-    write_json(out / "summary.json", summary)
-    console.print(leaderboard_table(leaderboard, title="Final leaderboard (last evaluation of each member)"))
-    cost = history["cost"]
-    console.print(
-        f"Cost: {cost['member_steps']} member-steps vs {cost['naive_member_steps']} to train all "
-        f"{config.num_models} fully ({100 * cost['fraction_of_naive']:.1f}%), {cost['wall_time_s']:.1f} s"
-    )
-    console.print(f"Winner: member {winner_id}, test accuracy {100 * summary['test_accuracy']:.2f}% (saved to {out / 'winner.pt'})")
+        history = trainer.history
+        test = evaluate(Population.from_modules([winner]), data.test)
+        winner_id = int(trainer.population.ids[0])
+        summary = {
+            "winner_id": winner_id,
+            "best_val_loss": trainer.best_val_loss,
+            "test_loss": float(test["loss"][0]),
+            "test_accuracy": float(test["accuracy"][0]),
+            "cost": history["cost"],
+        }
+        save_checkpoint(out / "winner.pt", winner.state_dict())  # a plain state_dict, atomic, with winner.pt.sha256
+        write_json(out / "history.json", history)
+        leaderboard = _leaderboard(history)
+        write_json(out / "leaderboard.json", leaderboard)
+        write_json(out / "summary.json", summary)
+        console.print(leaderboard_table(leaderboard, title="Final leaderboard (last evaluation of each member)"))
+        cost = history["cost"]
+        console.print(
+            f"Cost: {cost['member_steps']} member-steps vs {cost['naive_member_steps']} to train all "
+            f"{config.num_models} fully ({100 * cost['fraction_of_naive']:.1f}%), {cost['wall_time_s']:.1f} s"
+        )
+        console.print(f"Winner: member {winner_id}, test accuracy {100 * summary['test_accuracy']:.2f}% (saved to {out / 'winner.pt'})")
     return 0
 
 

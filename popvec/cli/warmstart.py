@@ -177,18 +177,18 @@ def run(config: WarmstartConfig, console: Console, resume: bool = False) -> int:
                 )
             except ValueError as err:  # settings that do not fit the data (e.g. --chunk-size larger than the set)
                 raise common.UsageError(common.one_line(err)) from None
-    result.config.update(as_dict(config))
-    write_json(out / "results.json", result.to_dict())
-    write_json(out / "summary.json", result.summary())
-    console.print(summary_table(result, config.model, data.name))
-    console.print(
-        f"Wall time {result.wall_time_s:.1f} s for all {n} members in one stack; 'time' is the stack's wall time "
-        f"until the member stopped, summed over phases."
-    )
-    if not config.no_plots:
-        path = plot_result(result, out / "warmstart.png", title=f"{config.model} on {data.name}, {config.protocol}")
-        console.print(f"Plot: {path}" if path else escape(f"No plot written ({MissingMatplotlib()})"))
-    console.print(f"Results: {out / 'results.json'}, {out / 'summary.json'}")
+        result.config.update(as_dict(config))
+        write_json(out / "results.json", result.to_dict())
+        write_json(out / "summary.json", result.summary())
+        console.print(summary_table(result, config.model, data.name))
+        console.print(
+            f"Wall time {result.wall_time_s:.1f} s for all {n} members in one stack; 'time' is the stack's wall time "
+            f"until the member stopped, summed over phases."
+        )
+        if not config.no_plots:
+            path = plot_result(result, out / "warmstart.png", title=f"{config.model} on {data.name}, {config.protocol}")
+            console.print(f"Plot: {path}" if path else escape(f"No plot written ({MissingMatplotlib()})"))
+        console.print(f"Results: {out / 'results.json'}, {out / 'summary.json'}")
     return 0
 
 
