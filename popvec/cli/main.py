@@ -2,7 +2,8 @@
 
 Every command module has a config class (its flags), ``register(commands)`` and a runner
 ``run(config, console, resume=False) -> int``. ``main`` parses the flags (or reads
-``--resume RUN_DIR``'s config.json), runs the command, and turns usage errors into one line, exit 2.
+``--resume RUN_DIR``'s config.json), runs the command, and turns usage errors into one line, exit 2,
+and a run in which no member stayed finite into one line, exit 1.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from popvec.cli import hyperband, instability, lmc, pbt, train, warmstart
 from popvec.cli.common import Command, Parser, UsageError, config_for, interrupted_line
+from popvec.trainer import AllDiverged
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -43,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command.run(config, console, resume=resume)
     except UsageError as err:
         command.parser.error(str(err))
+    except AllDiverged as err:  # a run with no finite member: no winner is written
+        console.print(escape(f"{err} — try a smaller --lr"), soft_wrap=True)
+        return 1
     except KeyboardInterrupt:
         console.print(interrupted_line(command, config))
         return 130
