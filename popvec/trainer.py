@@ -570,11 +570,13 @@ class MultipleInitializationsTrainer:
         With ``checkpoint_dir`` a checkpoint is written after every round; ``resume=True``
         continues from it and ends with the same winner and weights as an uninterrupted run.
         ``on_round`` is called with each round's record, after selection and the checkpoint.
-        Raises :class:`AllDiverged` when no
+        The global torch generator is seeded with ``seed`` first (dropout and every other draw), so
+        two runs with the same arguments give identical weights. Raises :class:`AllDiverged` when no
         member stayed finite (diverged members rank last, so that is when the winner diverged).
         """
         checks.integer("num_epochs", num_epochs)
         steps = num_epochs * as_source(train_loader, self.device).steps_per_epoch
+        torch.manual_seed(self.seed)  # every draw of the run (dropout included) follows the seed; resume restores the RNG
         trainer = self.build(criterion)
         checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
         if resume:

@@ -3,7 +3,8 @@
 Every command module has a config class (its flags), ``register(commands)`` and a runner
 ``run(config, console, resume=False) -> int``. ``main`` parses the flags (or reads
 ``--resume RUN_DIR``'s config.json), runs the command, and turns usage errors into one line, exit 2,
-and a run in which no member stayed finite into one line, exit 1.
+and a run in which no member stayed finite into one line, exit 1. The global torch generator is
+seeded with ``--seed`` first.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 
@@ -43,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config: Any = None
     try:
         config, resume = config_for(command, args, argv[argv.index(args.command) + 1 :])
+        if getattr(config, "seed", None) is not None:
+            torch.manual_seed(config.seed)  # every draw of the run follows --seed (a resumed run restores its saved RNG)
         return command.run(config, console, resume=resume)
     except UsageError as err:
         command.parser.error(str(err))
