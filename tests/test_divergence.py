@@ -228,3 +228,16 @@ def test_dropout_actually_draws_from_the_seeded_generator(digits: DatasetSplits)
         results.append(p.params)
         loader = DeviceLoader(digits.train, BATCH, seed=5)
     assert any(not torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_train_leaderboard_puts_a_diverged_member_last() -> None:
+    from popvec.cli.train import _leaderboard
+
+    nan = float("nan")
+    rows = [
+        {"id": 0, "train_loss": nan, "val_loss": nan, "val_accuracy": nan, "kept": False, "diverged": True},
+        {"id": 1, "train_loss": 1.0, "val_loss": 2.0, "val_accuracy": 0.5, "kept": False, "diverged": False},
+        {"id": 2, "train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.6, "kept": True, "diverged": False},
+        {"id": 3, "train_loss": 1.0, "val_loss": 0.5, "val_accuracy": 0.7, "kept": False, "diverged": False},
+    ]
+    assert [r["id"] for r in _leaderboard({"rounds": [{"round": 1, "members": rows}]})] == [2, 3, 1, 0]
