@@ -306,7 +306,9 @@ def evaluate(
     ``data`` is an ``(x, y)`` pair of tensors (split into chunks of ``batch_size`` samples), a
     ``TensorSplit``, or any iterable of shared ``(x, y)`` batches such as a ``DataLoader``.
     ``member_chunk_size`` bounds how many members run at once. Runs in eval mode and restores the
-    population's mode afterwards. ``loss_fn`` must return the mean over a batch.
+    population's mode afterwards. ``loss_fn`` must return the mean over a batch. A member whose
+    loss is not finite (NaN weights or outputs) gets accuracy NaN: an argmax over NaN outputs is no
+    measurement. Inputs holding NaN or inf raise ValueError ("... x contains NaN ...").
     """
     from popvec.loaders import iterate_batches
 
@@ -321,7 +323,9 @@ def evaluate(
         )
     finally:
         population.train(was_training)
-    return {name: value.float() for name, value in metrics.items()}
+    loss = metrics["loss"]
+    accuracy = torch.where(torch.isfinite(loss), metrics["accuracy"], torch.full_like(loss, float("nan")))
+    return {"loss": loss.float(), "accuracy": accuracy.float()}
 
 
 @torch.no_grad()
@@ -337,13 +341,19 @@ def accumulate_metrics(
     ``[N, B, ...]`` and ``losses_fn(outputs, y)`` their mean losses over the batch ``[N]``. Sums
     are kept in float64, each batch weighted by its size B (so uneven batches count per sample);
     correct argmax predictions are counted when outputs are ``[N, B, C]`` and labels integers
-    (accuracy 0 otherwise). The one evaluation loop behind :func:`evaluate`, the LMC shortcut and
+    (accuracy 0 otherwise). Inputs ``x``
+    holding NaN or inf raise ValueError (checked per batch, reported once at the end). The one
+    evaluation loop behind :func:`evaluate`, the LMC shortcut and
     the ensembles; raises ValueError when ``batches`` hold no sample.
     """
     sums: tuple[Tensor, Tensor] | None = None  # per member: loss x batch size, correct predictions
     count = 0
+    bad_x: Tensor | None = None  # whether any batch's x held NaN/inf: one reduction per batch, one sync at the end
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if x.is_floating_point():
+            bad = ~torch.isfinite(x).all()
+            bad_x = bad if bad_x is None else bad_x | bad
         outputs = outputs_fn(x)
         losses = losses_fn(outputs, y)
         if sums is None:
@@ -356,4 +366,6 @@ def accumulate_metrics(
         count += y.shape[0]
     if sums is None or count == 0:
         raise ValueError("data must hold at least one sample")
+    if bad_x is not None and bool(bad_x):
+        raise ValueError("evaluation data x contains NaN or inf: every loss over it would be NaN; clean the data first")
     return {"loss": sums[0] / count, "accuracy": sums[1] / count}

@@ -78,7 +78,10 @@ class MLP(nn.Module):
 class LeNet5(nn.Module):
     """LeNet-5 with ReLU and average pooling: ``[B, C, S, S] -> [B, num_classes]``, S in {28, 32}.
 
-    LeCun et al. 1998; the 62K-parameter variant used in the LMC literature (Frankle et al. 2020).
+    LeCun et al. 1998. It is not the MNIST network of Frankle et al. 2020 (the fully connected
+    LeNet-300-100, of which :class:`MLP` is the analogue here); with SGD lr 0.05, momentum 0.9 it
+    behaves like their high-learning-rate networks (copies become linearly connected only when spawned
+    after some training), and on the built-in digits the barrier at small k1 depends strongly on the seed.
     61,706 parameters for ``LeNet5(1, 10, 28)``.
     """
 

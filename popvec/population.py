@@ -8,7 +8,7 @@ those stacks; :meth:`Population.member` turns one slice back into a plain ``nn.M
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,9 +17,20 @@ from torch.func import functional_call, vmap
 
 from popvec import checks, diagnose
 
-__all__ = ["Population", "as_index", "as_mask", "member_seeds"]
+__all__ = ["Population", "as_index", "as_mask", "finite_members", "member_seeds"]
 
 IndexLike = Tensor | Sequence[int]
+
+
+def finite_members(stacks: Mapping[str, Tensor]) -> Tensor:
+    """``[N]`` bools: which members have every floating value of ``stacks`` (name -> ``[N, ...]``) finite.
+
+    One ``isfinite`` reduction per stack.
+    """
+    flags = [t.isfinite().flatten(1).all(1) for t in stacks.values() if t.is_floating_point()]
+    if not flags:
+        raise ValueError("no floating-point tensors to check")
+    return torch.stack(flags).all(0)
 
 
 def member_seeds(seed: int, n: int) -> list[int]:

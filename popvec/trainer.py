@@ -7,7 +7,9 @@ initializations built on it.
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,45 @@ from popvec.callbacks import Callback, ConsoleReporter
 from popvec.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from popvec.engine import LossFn, TrainStep, evaluate
 from popvec.loaders import as_source
-from popvec.population import IndexLike, Population, as_index, as_mask
+from popvec.population import IndexLike, Population, as_index, as_mask, finite_members
 from popvec.selection import Decision, MetricsTable, SelectionPolicy, SuccessiveHalving, as_decision, check_reduce_factor
 from popvec.state import PopulationState
 
-__all__ = ["PopulationTrainer", "MultipleInitializationsTrainer", "CHECKPOINT_NAME"]
+__all__ = ["PopulationTrainer", "MultipleInitializationsTrainer", "CHECKPOINT_NAME", "AllDiverged", "finite_members", "divergence_of"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class AllDiverged(RuntimeError):
+    """No member of a run stayed finite: there is no winner to return or save.
+
+    ``diverged``: ``{member_id: {"step": S, "reason": "loss nan"}}`` as recorded by the trainer;
+    ``total``: how many members the run started with.
+    """
+
+    def __init__(self, diverged: Mapping[int, Mapping[str, Any]], total: int) -> None:
+        self.diverged = {int(k): dict(v) for k, v in diverged.items()}
+        self.total = total
+        first = min(self.diverged.values(), key=lambda d: d["step"], default=None)
+        where = f" (first at step {first['step']}: {first['reason']})" if first is not None else ""
+        n = len(self.diverged)
+        count = f"all {total} diverged" if n >= total else f"{n} of {total} diverged, the rest were eliminated"
+        super().__init__(f"no member stayed finite: {count}{where}")
+
+
+def divergence_of(history: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+    """The diverged members of a trainer's (or a search's) ``history``: ``{id: {"step", "reason"}}``.
+
+    Read from ``history["diverged"]`` when present, else from the ``diverged`` round rows.
+    """
+    if history.get("diverged"):
+        return {int(k): dict(v) for k, v in history["diverged"].items()}
+    found: dict[int, dict[str, Any]] = {}
+    for record in history.get("rounds", []):
+        for row in record.get("members", []):
+            if row.get("diverged") and int(row["id"]) not in found:
+                found[int(row["id"])] = {"step": row.get("diverged_step", record.get("step")), "reason": row.get("diverged_reason", "")}
+    return found
 
 
 class PopulationTrainer:
@@ -71,10 +105,14 @@ class PopulationTrainer:
         self.samples_seen = 0
         self.wall_time = 0.0
         self.initial_n = population.n
-        self.history: dict[str, Any] = {"rounds": [], "cost": {}}
+        self.history: dict[str, Any] = {"rounds": [], "cost": {}, "diverged": {}}
         # Training loss summed since the last decision (saved in checkpoints, so a resumed round reports the same).
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
+        # Each position's first step with a non-finite training loss since the last decision (-1: none); kept
+        # on the device and updated without a host sync, read at decisions.
+        self._bad_step: Tensor | None = None
+        self._bad_loss: Tensor | None = None
         self._policy: SelectionPolicy | None = None
         self._fit_callbacks: list[Callback] = []
         self._pending_extra: dict[str, Any] = {}
@@ -138,6 +176,9 @@ class PopulationTrainer:
         self.state.select(index)
         if self._loss_sum is not None:
             self._loss_sum = self._loss_sum.index_select(0, index)
+        if self._bad_step is not None and self._bad_loss is not None:
+            self._bad_step = self._bad_step.index_select(0, index)
+            self._bad_loss = self._bad_loss.index_select(0, index)
         self._train_step.grad_norm_max = None
 
     # ------------------------------------------------------------------ the loop
@@ -184,11 +225,13 @@ class PopulationTrainer:
                     callback.on_segment(self, stop - self.global_step)
                 if self._loss_sum is None:
                     self._loss_sum, self._loss_count = torch.zeros(self.population.n, device=self.population.device), 0
+                self._reset_bad_steps(keep=True)
                 while self.global_step < stop:
                     x, y = source.next_batch()
                     losses = self.step(x, y, source.per_member, mask=self.state.active)
                     self._loss_sum += losses
                     self._loss_count += 1
+                    self._note_bad_losses(losses)
                     for callback in callbacks:
                         callback.on_step(self, losses)
                     if (
@@ -203,6 +246,7 @@ class PopulationTrainer:
                     assert policy is not None
                     record = self._decide(policy, val_data, self._loss_sum / max(self._loss_count, 1))
                     self._loss_sum = None
+                    self._reset_bad_steps()
                     self.wall_time = time.perf_counter() - started
                     for callback in callbacks:  # before the checkpoint, which then holds what they recorded
                         callback.on_round(self, record)
@@ -211,6 +255,7 @@ class PopulationTrainer:
                     if on_round is not None:
                         on_round(record)
             self.wall_time = time.perf_counter() - started
+            self.check_divergence()  # after the last decision too: the survivors' last segment
             self._record_cost(steps)
             if checkpoint_path is not None:
                 self.save_checkpoint(checkpoint_path)
@@ -218,6 +263,52 @@ class PopulationTrainer:
             for callback in callbacks:
                 callback.on_fit_end(self)
         return self.history
+
+    # ------------------------------------------------------------------ divergence
+    def _reset_bad_steps(self, keep: bool = False) -> None:
+        n, device = self.population.n, self.population.device
+        if keep and self._bad_step is not None and self._bad_step.shape[0] == n:
+            return
+        self._bad_step = torch.full((n,), -1, dtype=torch.long, device=device)
+        self._bad_loss = torch.zeros(n, device=device)
+
+    def _note_bad_losses(self, losses: Tensor) -> None:
+        """Record (on the device, no sync) the first step at which each member's loss is not finite."""
+        assert self._bad_step is not None and self._bad_loss is not None
+        first = (self._bad_step < 0) & ~torch.isfinite(losses)
+        self._bad_step = torch.where(first, self.global_step, self._bad_step)
+        self._bad_loss = torch.where(first, losses.detach().to(self._bad_loss.dtype), self._bad_loss)
+
+    def check_divergence(self, val_loss: Sequence[float] | None = None) -> Tensor:
+        """Mark the members whose training loss or weights became non-finite; ``[N]`` bools (True: diverged).
+
+        Newly diverged members are recorded in ``history["diverged"]`` by id (the step and the reason:
+        ``"loss nan"``, ``"loss inf"``, ``"weights not finite"`` or, given each member's ``val_loss``
+        on clean data, ``"val loss nan"``/``"val loss inf"`` for finite weights whose outputs overflow). Cheap: the steps'
+        losses were tracked on the device, and the parameters cost one ``isfinite`` reduction per stack.
+        """
+        n = self.population.n
+        bad_weights = ~finite_members(self.population.params)
+        bad_steps = self._bad_step if self._bad_step is not None and self._bad_step.shape[0] == n else None
+        bad_loss = bad_steps >= 0 if bad_steps is not None else torch.zeros_like(bad_weights)
+        vals = list(val_loss) if val_loss is not None else [0.0] * n
+        bad_val = torch.tensor([not math.isfinite(v) for v in vals], dtype=torch.bool)
+        diverged = bad_weights | bad_loss | bad_val.to(bad_weights.device)
+        recorded = self.history.setdefault("diverged", {})
+        if bool(diverged.any()):
+            ids = self.population.ids.tolist()
+            steps = bad_steps.tolist() if bad_steps is not None else [-1] * n
+            values = self._bad_loss.tolist() if self._bad_loss is not None and bad_steps is not None else [0.0] * n
+            for p in diverged.nonzero().flatten().tolist():
+                key = str(ids[p])
+                if steps[p] >= 0:
+                    entry = {"step": int(steps[p]), "reason": f"loss {values[p]}"}
+                elif bad_weights[p]:
+                    entry = {"step": self.global_step, "reason": "weights not finite"}
+                else:
+                    entry = {"step": self.global_step, "reason": f"val loss {vals[p]}"}
+                recorded.setdefault(key, entry)
+        return diverged
 
     def _any_active(self) -> bool:
         return self.state.active is None or bool(self.state.active.any())
@@ -239,8 +330,24 @@ class PopulationTrainer:
         hparams = {k: v.tolist() for k, v in self.hparams().items()}
         return MetricsTable(self.population.ids.tolist(), columns, step=self.global_step, hparams=hparams)
 
+    def checked_table(self, val_data: Any, train_loss: Tensor | None = None) -> MetricsTable:
+        """:meth:`metrics_table` with divergence applied: diverged members' metrics NaN, a ``diverged`` column."""
+        table = self.metrics_table(val_data, train_loss)  # the data were checked finite: a NaN loss is the member's
+        self._mark_diverged(table, self.check_divergence(table.columns.get("val_loss")))
+        return table
+
+    def _mark_diverged(self, table: MetricsTable, diverged: Tensor) -> None:
+        """A diverged member's metrics become NaN (so every ranking puts it last) and ``diverged`` is 1.0."""
+        flags = diverged.tolist()
+        for name, values in table.columns.items():
+            if name != "grad_norm_max":
+                table.columns[name] = [math.nan if bad else v for v, bad in zip(values, flags)]
+        table.columns["diverged"] = [1.0 if bad else 0.0 for bad in flags]
+
     def _decide(self, policy: SelectionPolicy, val_data: Any, train_loss: Tensor) -> dict[str, Any]:
-        table = self.metrics_table(val_data, train_loss)
+        table = self.checked_table(val_data, train_loss)
+        # A metric that is NaN for every member ranks nobody: say so rather than keep by id order silently.
+        all_nan = [k for k, v in table.columns.items() if k != "diverged" and v and all(math.isnan(x) for x in v)]
         answer = policy.decide(table)
         decision = as_decision(answer)
         keep = decision.keep
@@ -252,6 +359,19 @@ class PopulationTrainer:
             "kept_ids": [table.ids[p] for p in keep],
             "member_steps": self.member_steps,
         }
+        recorded = self.history.get("diverged", {})
+        for row in record["members"]:
+            row["diverged"] = bool(row.pop("diverged"))
+            if row["diverged"] and str(row["id"]) in recorded:
+                row["diverged_step"] = recorded[str(row["id"])]["step"]
+                row["diverged_reason"] = recorded[str(row["id"])]["reason"]
+        if all_nan:
+            record["all_nan"] = all_nan
+            warnings.warn(
+                f"step {self.global_step}: {', '.join(all_nan)} is NaN for every member; the members kept were not chosen on it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if isinstance(answer, Decision):  # the richer answer: hyperparameters, reasons and events are recorded
             for p, row in enumerate(record["members"]):
                 row["hparams"] = {k: v[p] for k, v in table.hparams.items()}
@@ -315,7 +435,9 @@ class PopulationTrainer:
             "history": self.history,
             "policy": policy.state_dict() if policy is not None and hasattr(policy, "state_dict") else None,
             "callbacks": {key: cb.state_dict() for key, cb in _stateful(self._fit_callbacks or self.callbacks).items()},  # type: ignore[attr-defined]
-            "round_loss": None if self._loss_sum is None else {"sum": self._loss_sum, "count": self._loss_count},
+            "round_loss": None
+            if self._loss_sum is None
+            else {"sum": self._loss_sum, "count": self._loss_count, "bad_step": self._bad_step, "bad_loss": self._bad_loss},
             "counters": {
                 "global_step": self.global_step,
                 "member_steps": self.member_steps,
@@ -331,6 +453,7 @@ class PopulationTrainer:
             state = {**state, "state": {k: state.get(k) for k in ("population", "optimizer", "loss_hparams", "source")}}
         self.state.load_state_dict(state["state"])
         self.history = state["history"]
+        self.history.setdefault("diverged", {})
         counters = state["counters"]
         self.global_step = int(counters["global_step"])
         self.member_steps = int(counters["member_steps"])
@@ -338,10 +461,14 @@ class PopulationTrainer:
         self.wall_time = float(counters["wall_time"])
         self.initial_n = int(counters["initial_n"])
         round_loss = state.get("round_loss")
+        self._bad_step = self._bad_loss = None
         if round_loss is None:
             self._loss_sum, self._loss_count = None, 0
         else:
             self._loss_sum, self._loss_count = round_loss["sum"].to(self.population.device), int(round_loss["count"])
+            if round_loss.get("bad_step") is not None:
+                self._bad_step = round_loss["bad_step"].to(self.population.device)
+                self._bad_loss = round_loss["bad_loss"].to(self.population.device)
         self._pending_extra = {"policy": state.get("policy"), "callbacks": state.get("callbacks")}
         set_rng_state(state["rng"])
 
@@ -454,9 +581,13 @@ class MultipleInitializationsTrainer:
         With ``checkpoint_dir`` a checkpoint is written after every round; ``resume=True``
         continues from it and ends with the same winner and weights as an uninterrupted run.
         ``on_round`` is called with each round's record, after selection and the checkpoint.
+        The global torch generator is seeded with ``seed`` first (dropout and every other draw), so
+        two runs with the same arguments give identical weights. Raises :class:`AllDiverged` when no
+        member stayed finite (diverged members rank last, so that is when the winner diverged).
         """
         checks.integer("num_epochs", num_epochs)
         steps = num_epochs * as_source(train_loader, self.device).steps_per_epoch
+        torch.manual_seed(self.seed)  # every draw of the run (dropout included) follows the seed; resume restores the RNG
         trainer = self.build(criterion)
         checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
         if resume:
@@ -466,6 +597,8 @@ class MultipleInitializationsTrainer:
         # If the budget ends before the elimination does, a last round there keeps the best.
         policy = SuccessiveHalving(self.num_elim_steps, self.reduce_factor, final_step=steps)
         trainer.fit(train_loader, val_loader, steps, policy, checkpoint_path, on_round)
+        if not bool(finite_members(trainer.population.params)[0]) or str(int(trainer.population.ids[0])) in trainer.history["diverged"]:
+            raise AllDiverged(trainer.history["diverged"], self.num_models)
         self.best_val_loss = float(trainer.evaluate(val_loader)["loss"][0])
         self.console.print(f"Training complete! Best validation loss: {self.best_val_loss:.4f}")
         return trainer.population.member(0)

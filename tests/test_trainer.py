@@ -416,7 +416,7 @@ def test_history_structure_and_cost(digits: DatasetSplits, tmp_path: Path) -> No
     for record in rounds:
         assert [m["id"] for m in record["members"]] == prev_ids
         for m in record["members"]:
-            assert set(m) == {"id", "train_loss", "val_loss", "val_accuracy", "kept"}
+            assert set(m) == {"id", "train_loss", "val_loss", "val_accuracy", "kept", "diverged"}
             assert isinstance(m["id"], int) and isinstance(m["kept"], bool)
             assert all(isinstance(m[k], float) for k in ("train_loss", "val_loss", "val_accuracy"))
             assert 0.0 <= m["val_accuracy"] <= 1.0 and m["val_loss"] > 0 and m["train_loss"] > 0

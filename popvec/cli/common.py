@@ -45,6 +45,7 @@ __all__ = [
     "UsageError",
     "add_command",
     "check_batch_size",
+    "check_finite_data",
     "config_for",
     "device_of",
     "interrupted_line",
@@ -103,8 +104,17 @@ def load_data(config: DataFlags, device: torch.device) -> tuple[DatasetSplits, C
         data = load_dataset(config.dataset, config.data_dir, config.download, image_size=required_image_size(config.model))
     except FileNotFoundError as err:
         raise UsageError(one_line(err)) from None
+    check_finite_data(data)
     data = data.to(device)
     return data, model_factory(config.model, data.input_shape, data.num_classes)
+
+
+def check_finite_data(data: DatasetSplits) -> None:
+    """Every split's inputs finite (checked once, on load): NaN or inf would make every loss over it NaN."""
+    for name in ("train", "val", "test"):
+        split = getattr(data, name, None)
+        if split is not None and split.x.is_floating_point() and not bool(torch.isfinite(split.x).all()):
+            raise UsageError(f"the {name} split of {data.name} contains NaN or inf inputs; clean the dataset first")
 
 
 def check_batch_size(batch_size: int, data: DatasetSplits) -> None:

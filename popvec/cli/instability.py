@@ -8,6 +8,7 @@ matplotlib) and the trunk checkpoints ``trunk_k1_<k1>.pt`` to the run folder.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any, ClassVar
 
 from rich.console import Console
@@ -117,4 +118,9 @@ def run(config: InstabilityConfig, console: Console, resume: bool = False) -> in
         console.print(f"Table: {out / 'instability.json'}; trunk checkpoints: {out}/trunk_k1_<k1>.pt")
         if not config.no_plots:
             common.save_plots(console, [(result.plot, (out / "instability.png",))])
+        diverged = [r["k1"] for r in result.rows() if not (math.isfinite(r["loss_barrier"]) and math.isfinite(r["error_barrier"]))]
+        if diverged:  # a NaN barrier is no measurement: say so and fail
+            k1s = ", ".join(map(str, diverged))
+            console.print(f"Barrier nan for k1 = {k1s}: a copy's weights or loss became non-finite — try a smaller --lr")
+            return 1
     return 0

@@ -9,6 +9,7 @@ leaderboard.json, summary.json and winner.pt to the run folder.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,10 +24,12 @@ from popvec.cli.config import config
 from popvec.cli.flags import flag, option
 from popvec.losses import LOSS_HPARAMS
 from popvec.optim import OPTIMIZER_HPARAMS
+from popvec.population import Population, finite_members
 from popvec.report import leaderboard_table, write_json
 from popvec.search.files import load_space
 from popvec.search.run import SearchResult, flat_rows
 from popvec.search.space import LogUniform, SearchSpace, Uniform
+from popvec.trainer import AllDiverged, divergence_of
 
 __all__ = ["SearchFlags", "early_stopping", "finish", "library_error", "run_search", "search_space"]
 
@@ -132,10 +135,23 @@ def run_search(
             raise UsageError(one_line(err)) from None
         except ValueError as err:
             raise library_error(err, names) from None
+        check_finite_winner(result)
         finish(result, space, out, console, title)
         if not config.no_plots:
             common.save_plots(console, plots(result, out))
     return 0
+
+
+def check_finite_winner(result: SearchResult) -> None:
+    """Raise :class:`~popvec.trainer.AllDiverged` when the best member is not finite (diverged members
+    rank last, so then none stayed finite): no winner is written."""
+    best = result.best
+    finite = bool(finite_members(Population.from_modules([result.winner]).params)[0])
+    if finite and not best.get("diverged") and math.isfinite(best.get("val_loss", 0.0)):
+        return
+    history = result.history
+    total = len(history.get("members") or {}) or int(history.get("config", {}).get("num_models") or len(result.leaderboard))
+    raise AllDiverged(divergence_of(history), total)
 
 
 def finish(result: SearchResult, space: SearchSpace, out: Path, console: Console, title: str) -> None:

@@ -7,6 +7,7 @@ round), history.json, leaderboard.json, summary.json and the winner's winner.pt;
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any, ClassVar
 
 from rich.console import Console
@@ -116,13 +117,17 @@ def run(config: TrainConfig, console: Console, resume: bool = False) -> int:
     return 0
 
 
+def _nan_last(value: float) -> float:
+    return math.inf if math.isnan(value) else value
+
+
 def _leaderboard(history: dict[str, Any]) -> list[dict[str, Any]]:
     """Each member's last evaluation, ranked by how long it survived, then validation loss."""
     last: dict[int, dict[str, Any]] = {}
     for record in history["rounds"]:
         for row in record["members"]:
             last[row["id"]] = {"round": record["round"], **row}
-    rows = sorted(last.values(), key=lambda r: (-r["round"], not r["kept"], r["val_loss"], r["id"]))
+    rows = sorted(last.values(), key=lambda r: (-r["round"], not r["kept"], _nan_last(r["val_loss"]), r["id"]))
     return [
         {
             "rank": i + 1,

@@ -340,6 +340,7 @@ def hyperband(
         bracket_of.update((i, b.s) for i in ids)
         blocks.append((b, ids))
     values = space.sample(total, seed)
+    torch.manual_seed(seed)  # dropout and every other draw follow the seed (resume restores the saved RNG)
     max_steps = table[0].rungs[-1].resource * unit_steps
     extra = {i: {"bracket": s} for i, s in bracket_of.items()}
 

@@ -205,6 +205,7 @@ def pbt(
     )
     wrapped: Any = EarlyStopping(policy, metric=metric, descending=descending, **early_stopping) if early_stopping else policy
     values = space.sample(num_models, seed)
+    torch.manual_seed(seed)  # dropout and every other draw follow the seed (resume restores the saved RNG)
     reporters = [PBTReporter(console, metric, descending, space.names)] if progress else []
     trainer = make_trainer(model_fn, values, optimizer, seed, device, console, progress, callbacks=reporters)
     console.print(

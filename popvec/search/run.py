@@ -97,7 +97,7 @@ def leaderboard(
 ) -> list[dict[str, Any]]:
     """The trainer's current members evaluated on ``val_data`` (and ``test_data``), best first,
     each with its hyperparameters (and ``extra[id]`` columns, e.g. its bracket)."""
-    table: MetricsTable = trainer.metrics_table(val_data)
+    table: MetricsTable = trainer.checked_table(val_data)  # diverged members: NaN metrics, ranked last
     test = evaluate(trainer.population, test_data, trainer.loss_fn) if test_data is not None else None
     rows = []
     for place, p in enumerate(rank(table, metric, descending)):
@@ -106,6 +106,7 @@ def leaderboard(
         row.update((extra or {}).get(member, {}))
         row["val_loss"] = table.columns["val_loss"][p]
         row["val_accuracy"] = table.columns["val_accuracy"][p]
+        row["diverged"] = bool(table.columns["diverged"][p])
         if test is not None:
             row["test_accuracy"] = float(test["accuracy"][p])
         row["hparams"] = {k: v[p] for k, v in table.hparams.items()}

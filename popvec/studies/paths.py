@@ -11,6 +11,7 @@ does it for chosen pairs of a population's members, a chunk of pairs at a time.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from popvec import checks
 from popvec.engine import LossFn, evaluate
 from popvec.loaders import iterate_batches
-from popvec.population import Population
+from popvec.population import Population, finite_members
 from popvec.studies.shortcut import evaluate_shortcut
 
 __all__ = [
@@ -50,7 +51,8 @@ def interpolate_stacks(stacks_a: dict[str, Tensor], stacks_b: dict[str, Tensor],
     """Members ``(1 - alpha) * a + alpha * b`` of P paths: stacks ``[P, ...]``, alphas ``[K]`` -> ``[P * K, ...]``.
 
     Member ``p * K + k`` is path ``p`` at ``alphas[k]``, built for all of them in one broadcast
-    ``torch.lerp`` (exact at alpha 0 and 1, and exactly ``a`` wherever ``a == b``). Non-floating
+    ``torch.lerp`` (exact at alpha 0 and 1, even when the other end is not finite, and exactly ``a``
+    wherever ``a == b``). Non-floating
     tensors (BatchNorm's ``num_batches_tracked``) are not interpolated: every member takes ``a``'s.
     """
     k = alphas.numel()
@@ -58,7 +60,10 @@ def interpolate_stacks(stacks_a: dict[str, Tensor], stacks_b: dict[str, Tensor],
     for name, a in stacks_a.items():
         a1, b1 = a.unsqueeze(1), stacks_b[name].unsqueeze(1)  # [P, 1, ...]
         if a.is_floating_point():
-            path = torch.lerp(a1, b1, alphas.to(a).view(1, k, *[1] * (a.dim() - 1)))
+            weight = alphas.to(a).view(1, k, *[1] * (a.dim() - 1))
+            path = torch.lerp(a1, b1, weight)
+            # lerp(a, NaN, 0) is NaN: the ends are taken as they are, so a finite end stays finite.
+            path = torch.where(weight == 0, a1, torch.where(weight == 1, b1, path))
         else:
             path = a1.expand(-1, k, *a.shape[1:])
         out[name] = path.reshape(a.shape[0] * k, *a.shape[1:])
@@ -78,9 +83,11 @@ def barrier(gap: Tensor) -> Tensor:
 
     The gap is 0 at both ends by definition, so they are left out: the barrier is negative where
     the whole path lies below the straight line between the ends (convex), and 0 with no interior alpha.
+    A curve with any NaN (a non-finite network on the path, see :func:`evaluate_paths`) has barrier NaN.
     """
     interior = gap[..., 1:-1]
-    return interior.amax(dim=-1) if interior.shape[-1] else torch.zeros(gap.shape[:-1], dtype=gap.dtype)
+    value = interior.amax(dim=-1) if interior.shape[-1] else torch.zeros(gap.shape[:-1], dtype=gap.dtype, device=gap.device)
+    return torch.where(gap.isnan().any(dim=-1), torch.full_like(value, float("nan")), value)
 
 
 def l2_distance(stacks_a: dict[str, Tensor], stacks_b: dict[str, Tensor]) -> Tensor:
@@ -201,19 +208,46 @@ def evaluate_paths(
 
     A single path (P = 1) is evaluated through the first-layer shortcut where it applies (see
     :mod:`popvec.studies.shortcut`; ``shortcut=False`` never): the third value says whether it was.
+    A network on a path whose parameters (or buffers) are not finite, or whose loss is not finite,
+    gets loss and error NaN at that alpha (never an error computed from NaN outputs), with a
+    warning naming the paths and alphas.
     """
     grid = alphas.to(a.device)
     path = Population(a.skeleton, interpolate_stacks(a.params, b.params, grid), interpolate_stacks(a.buffers, b.buffers, grid))
     if spec.recompute:
         path.buffers = recompute_batchnorm(path, spec.bn_data, spec.batch_size, spec.member_chunk_size)
     metrics, data = None, spec.data
-    if shortcut and a.n == 1:
+    if shortcut and a.n == 1 and all(bool(finite_members({**e.params, **e.buffers}).all()) for e in (a, b)):
+        # (not with a non-finite end: the shortcut mixes both ends' activations, NaN at every alpha)
         metrics, data = evaluate_shortcut(path, a, b, grid, spec.data, spec.loss_fn, spec.batch_size, spec.member_chunk_size)
     used = metrics is not None
     if metrics is None:
         metrics = evaluate(path, data, spec.loss_fn, spec.batch_size, spec.member_chunk_size)
     shape = (a.n, alphas.numel())
-    return metrics["loss"].cpu().view(shape), (1.0 - metrics["accuracy"]).cpu().view(shape), used
+    loss, error = metrics["loss"].cpu().view(shape), (1.0 - metrics["accuracy"]).cpu().view(shape)
+    bad = ~finite_members({**path.params, **path.buffers}).cpu().view(shape) | ~torch.isfinite(loss)
+    if bool(bad.any()):
+        nan = torch.tensor(float("nan"), dtype=loss.dtype)
+        loss, error = torch.where(bad, nan, loss), torch.where(bad, nan, error)
+        _warn_non_finite(a, b, bad, alphas)
+    return loss, error, used
+
+
+def _warn_non_finite(a: Population, b: Population, bad: Tensor, alphas: Tensor) -> None:
+    """Warn which endpoints are not finite and at which alphas the paths' networks are (``bad`` ``[P, K]``)."""
+    ends = []
+    for name, end in (("a", a), ("b", b)):
+        finite = finite_members({**end.params, **end.buffers}).cpu()
+        if not bool(finite.all()):
+            ends.append(name if end.n == 1 else f"{name} (paths {(~finite).nonzero().flatten().tolist()})")
+    where = [round(float(alphas[k]), 4) for k in bad.any(dim=0).nonzero().flatten().tolist()]
+    endpoint = f"endpoint{'s' if len(ends) > 1 else ''} {' and '.join(ends)} {'have' if len(ends) > 1 else 'has'} non-finite parameters; "
+    endpoint = endpoint if ends else ""
+    warnings.warn(
+        f"{endpoint}networks not finite (parameters or loss) at alphas {where}: their loss and error are NaN, and so are the barriers",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def pair_barriers(
