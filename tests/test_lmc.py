@@ -478,6 +478,18 @@ def test_cli_lmc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def test_cli_lmc_with_a_non_finite_network_prints_nan_and_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    save_mlp(tmp_path / "a.pt", 0)
+    torch.manual_seed(1)
+    state = build_model("mlp", (1, 8, 8), 10).state_dict()
+    next(iter(state.values())).fill_(float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    args = ["lmc", str(tmp_path / "a.pt"), str(tmp_path / "nan.pt"), "--model", "mlp", "--alphas", "5", "--no-plots"]
+    with pytest.warns(RuntimeWarning):
+        assert cli.main([*args, "--out", str(tmp_path / "lmc"), "--device", "cpu"]) == 1
+    assert "Barrier nan" in capsys.readouterr().out
+
+
 def test_cli_instability(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "inst"
     args = [

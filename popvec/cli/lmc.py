@@ -7,6 +7,7 @@ folder. :class:`CurveFlags` (split, alphas, BatchNorm statistics) are shared wit
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -95,4 +96,7 @@ def run(config: LMCConfig, console: Console, resume: bool = False) -> int:
         console.print(f"Curve: {out / 'lmc.json'}")
         if not config.no_plots:
             common.save_plots(console, [(result.plot, (out / "lmc.png",))])
+    if not (math.isfinite(result.loss_barrier) and math.isfinite(result.error_barrier)):  # no measurement: say so and fail
+        console.print("Barrier nan: a network on the path has non-finite weights or loss (see the warning above)")
+        return 1
     return 0
