@@ -1,4 +1,4 @@
-"""Datasets as device-resident tensors: the built-in offline digits and torchvision's sets.
+"""Datasets as device-resident tensors: the built-in offline digits, a synthetic CIFAR-shaped set, torchvision's sets.
 
 Whole datasets are converted to tensors once at load time and kept on the training device, so
 a batch is an index gather (see :mod:`popvec.loaders` for the batch sampling).
@@ -6,6 +6,7 @@ a batch is an index gather (see :mod:`popvec.loaders` for the batch sampling).
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 from dataclasses import dataclass
@@ -23,9 +24,13 @@ __all__ = [
     "DatasetSplits",
     "TensorSplit",
     "load_dataset",
+    "synthetic_cifar",
 ]
 
-DATASET_NAMES: tuple[str, ...] = ("digits", "mnist", "fashion_mnist", "cifar10")
+DATASET_NAMES: tuple[str, ...] = ("digits", "synthetic_cifar", "mnist", "fashion_mnist", "cifar10")
+
+# Default sizes of the synthetic CIFAR-shaped splits (train / val / test).
+SYNTHETIC_CIFAR_SIZES = (5000, 1000, 1000)
 
 # Fixed sizes of the built-in digits splits (70/15/15 of 1797 samples).
 DIGITS_VAL_SIZE = 270
@@ -71,6 +76,9 @@ class DatasetSplits:
     test: TensorSplit
     num_classes: int
     input_shape: tuple[int, ...]
+    #: Per-channel ``(mean, std)`` applied at load time (``x = (pixel - mean) / std``, pixels in
+    #: [0, 1]); None when unknown. Augmentation pads with the normalized black it implies.
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def to(self, device: torch.device | str) -> DatasetSplits:
         """Copy with all three splits on ``device``."""
@@ -81,6 +89,7 @@ class DatasetSplits:
             test=self.test.to(device),
             num_classes=self.num_classes,
             input_shape=self.input_shape,
+            normalization=self.normalization,
         )
 
 
@@ -93,6 +102,11 @@ def load_dataset(
     download: bool = False,
     image_size: int | None = None,
     val_fraction: float = 0.1,
+    *,
+    num_train: int | None = None,
+    num_val: int | None = None,
+    num_test: int | None = None,
+    seed: int = 0,
 ) -> DatasetSplits:
     """Load a dataset as normalized float32 tensors with fixed splits (on the CPU).
 
@@ -102,10 +116,31 @@ def load_dataset(
     seeded permutation of the official train set as validation and use the
     official test set as test. ``image_size`` resizes images to
     ``image_size x image_size`` (bilinear) once, at load time.
+
+    ``synthetic_cifar`` is generated on the fly (no files, no download): 3x32x32 images of
+    10 classes, ``num_train``/``num_val``/``num_test`` samples (default 5000/1000/1000),
+    drawn from ``seed`` (see :func:`synthetic_cifar`); the sizes and ``seed`` apply to it only.
     """
     checks.choice("dataset", name, DATASET_NAMES)
     checks.optional_integer("image_size", image_size)
     checks.unit_interval("val_fraction", val_fraction, low_open=True, high_open=True)
+    sizes = {"num_train": num_train, "num_val": num_val, "num_test": num_test}
+    if name == "synthetic_cifar":
+        defaults = dict(zip(sizes, SYNTHETIC_CIFAR_SIZES))
+        counts = {k: defaults[k] if v is None else checks.integer(k, v) for k, v in sizes.items()}
+        data = synthetic_cifar(**counts, seed=seed)
+        if image_size is not None:
+            data = dataclasses.replace(
+                data,
+                train=TensorSplit(_resize(data.train.x, image_size), data.train.y),
+                val=TensorSplit(_resize(data.val.x, image_size), data.val.y),
+                test=TensorSplit(_resize(data.test.x, image_size), data.test.y),
+                input_shape=(3, image_size, image_size),
+            )
+        return data
+    for key, value in sizes.items():
+        if value is not None:
+            raise ValueError(f"{key} applies to the synthetic_cifar dataset only, not {name!r}")
     if name == "digits":
         return _load_digits(image_size)
     return _load_torchvision(name, Path(data_dir), download, image_size, val_fraction)
@@ -142,7 +177,8 @@ def _load_digits(image_size: int | None) -> DatasetSplits:
     n_train = len(y) - DIGITS_VAL_SIZE - DIGITS_TEST_SIZE
     idx_train, idx_val = perm[:n_train], perm[n_train:-DIGITS_TEST_SIZE]
     idx_test = perm[-DIGITS_TEST_SIZE:]
-    x = (x - x[idx_train].mean()) / x[idx_train].std()
+    mean, std = x[idx_train].mean(), x[idx_train].std()
+    x = (x - mean) / std
     return DatasetSplits(
         name="digits",
         train=TensorSplit(x[idx_train], y[idx_train]),
@@ -150,6 +186,7 @@ def _load_digits(image_size: int | None) -> DatasetSplits:
         test=TensorSplit(x[idx_test], y[idx_test]),
         num_classes=10,
         input_shape=tuple(x.shape[1:]),
+        normalization=((float(mean),), (float(std),)),
     )
 
 
@@ -165,8 +202,8 @@ def _torchvision_split(name: str, data_dir: Path, train: bool, download: bool) -
             raise
         folder = data_dir / ("cifar-10-batches-py" if name == "cifar10" else f"{cls.__name__}/raw")
         raise FileNotFoundError(
-            f"{name} dataset not found in {folder}. Pass --download (download=True) to "
-            f"fetch it, or use --dataset digits, the built-in offline dataset."
+            f"{name} dataset not found in {folder} (the data dir). Pass --download (download=True) to fetch it, "
+            f"or use --dataset digits or --dataset synthetic_cifar, built in (offline)."
         ) from None
     images = torch.as_tensor(ds.data)
     images = images.permute(0, 3, 1, 2) if images.dim() == 4 else images.unsqueeze(1)
@@ -195,6 +232,74 @@ def _load_torchvision(name: str, data_dir: Path, download: bool, image_size: int
         test=TensorSplit(prepare(x_test), y_test),
         num_classes=10,
         input_shape=tuple(x_train.shape[1:]),
+        normalization=_TORCHVISION_STATS[name],
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Synthetic CIFAR-shaped data
+# --------------------------------------------------------------------------- #
+def _sinusoids(freq: Tensor, phase: Tensor, colour: Tensor, shift: Tensor, size: int) -> Tensor:
+    """Sum of colour-weighted plane waves: ``freq [*S, K, 2]`` cycles per image (y, x),
+    ``phase [*S, K]``, ``colour [*S, K, 3]``, translation ``shift [*S, 2]`` pixels -> ``[*S, 3, size, size]``."""
+    grid = torch.arange(size, dtype=torch.float64) / size
+    ys = (grid.view(-1, 1) + shift[..., None, 0:1, None] / size) * freq[..., 0, None, None]  # [*S, K, size, 1]
+    xs = (grid.view(1, -1) + shift[..., None, 1:2, None] / size) * freq[..., 1, None, None]  # [*S, K, 1, size]
+    waves = torch.cos(2 * torch.pi * (ys + xs) + phase[..., None, None])  # [*S, K, size, size]
+    return torch.einsum("...khw,...kc->...chw", waves, colour)
+
+
+def _synthetic_split(count: int, classes: tuple[Tensor, Tensor, Tensor], gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``count`` images in [0, 1] (``float64 [count, 3, 32, 32]``, 8-bit levels) and their labels."""
+    freq, phase, colour = classes
+    y = torch.randint(0, freq.shape[0], (count,), generator=gen)
+    shift = torch.randint(-4, 5, (count, 2), generator=gen).double()  # the class pattern moves, as objects do
+    contrast = 0.6 + 0.8 * torch.rand(count, 1, 1, 1, generator=gen, dtype=torch.float64)
+    pattern = contrast * _sinusoids(freq[y], phase[y], colour[y], shift, 32)
+    # One class-independent plane wave per image (a distractor of the same kind) and pixel noise.
+    d_freq = torch.randint(-3, 4, (count, 1, 2), generator=gen).double()
+    d_phase = 2 * torch.pi * torch.rand(count, 1, generator=gen, dtype=torch.float64)
+    d_colour = 0.12 * torch.randn(count, 1, 3, generator=gen, dtype=torch.float64)
+    distractor = _sinusoids(d_freq, d_phase, d_colour, torch.zeros(count, 2, dtype=torch.float64), 32)
+    base = 0.45 + 0.08 * torch.randn(count, 3, 1, 1, generator=gen, dtype=torch.float64)
+    noise = 0.12 * torch.randn(count, 3, 32, 32, generator=gen, dtype=torch.float64)
+    images = (base + pattern + distractor + noise).clamp(0, 1)
+    return torch.round(images * 255) / 255, y
+
+
+def synthetic_cifar(num_train: int = 5000, num_val: int = 1000, num_test: int = 1000, seed: int = 0) -> DatasetSplits:
+    """A CIFAR-10-shaped dataset made on the fly: ``[M, 3, 32, 32]`` images of 10 classes, no files.
+
+    Each class is a fixed sum of three low-frequency colour plane waves (1-3 cycles per image);
+    an image is its class pattern at a random contrast, translated by up to 4 pixels, plus a
+    random class-independent plane wave, a random tint and pixel noise, clipped to [0, 1] and
+    rounded to 8-bit levels like a photograph. A convolutional network learns it well above
+    chance; chance is 10%. Everything (the class patterns and every split) follows from
+    ``seed``, and the splits are independent draws, so the same arguments give the same tensors.
+    Normalized with the CIFAR-10 channel statistics, like ``cifar10``.
+    """
+    counts = {"num_train": num_train, "num_val": num_val, "num_test": num_test}
+    for key, value in counts.items():
+        checks.integer(key, value)
+    gen = torch.Generator().manual_seed(seed)
+    cycles = torch.randint(1, 4, (10, 3, 2), generator=gen).double()  # 1-3 cycles per image, either sign
+    freq = cycles * torch.where(torch.rand(10, 3, 2, generator=gen) < 0.5, -1.0, 1.0).double()
+    phase = 2 * torch.pi * torch.rand(10, 3, generator=gen, dtype=torch.float64)
+    colour = 0.1 * torch.randn(10, 3, 3, generator=gen, dtype=torch.float64)
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in _TORCHVISION_STATS["cifar10"])
+    splits = []
+    for k, count in enumerate(counts.values()):
+        split_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
+        images, labels = _synthetic_split(count, (freq, phase, colour), split_gen)
+        splits.append(TensorSplit(((images - mean) / std).float(), labels))
+    return DatasetSplits(
+        name="synthetic_cifar",
+        train=splits[0],
+        val=splits[1],
+        test=splits[2],
+        num_classes=10,
+        input_shape=(3, 32, 32),
+        normalization=_TORCHVISION_STATS["cifar10"],
     )
 
 

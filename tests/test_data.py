@@ -150,6 +150,83 @@ def test_cifar_layout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert torch.allclose(channel_means, expected, atol=1e-5)
 
 
+def test_missing_cifar10_names_the_data_dir_and_download(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset("cifar10", data_dir=tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and "--download" in message and "synthetic_cifar" in message
+    assert str(tmp_path / "cifar-10-batches-py") in message
+
+
+def test_cifar_carries_its_normalization(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    class FakeCIFAR10:
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            self.data = np.zeros((20, 32, 32, 3), dtype=np.uint8)
+            self.targets = [i % 10 for i in range(20)]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    data = load_dataset("cifar10", data_dir=tmp_path).to("cpu")
+    assert data.normalization == ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    mean, std = (torch.tensor(v).view(-1, 1, 1) for v in data.normalization)
+    torch.testing.assert_close(data.test.x[0], (torch.zeros(3, 32, 32) - mean) / std)  # black, normalized
+
+
+# --------------------------------------------------------------------------- #
+# synthetic CIFAR-shaped data
+# --------------------------------------------------------------------------- #
+def test_synthetic_cifar_shapes_sizes_and_normalization() -> None:
+    data = load_dataset("synthetic_cifar", num_train=300, num_val=50, num_test=40)
+    assert (len(data.train), len(data.val), len(data.test)) == (300, 50, 40)
+    assert data.input_shape == (3, 32, 32) and data.num_classes == 10 and data.name == "synthetic_cifar"
+    assert data.train.x.dtype == torch.float32 and data.train.y.dtype == torch.int64
+    assert set(data.train.y.tolist()) == set(range(10))
+    # CIFAR-10's normalization of 8-bit pixels: undoing it gives multiples of 1/255 in [0, 1].
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in data.normalization or ((), ()))
+    pixels = (data.train.x * std + mean) * 255
+    assert pixels.min() > -1e-3 and pixels.max() < 255 + 1e-3
+    torch.testing.assert_close(pixels, pixels.round(), rtol=0, atol=1e-3)
+    assert load_dataset("synthetic_cifar", num_train=20, num_val=5, num_test=5).train.x.shape == (20, 3, 32, 32)
+    assert load_dataset("synthetic_cifar", num_train=20, num_val=5, num_test=5, image_size=16).input_shape == (3, 16, 16)
+
+
+def test_synthetic_cifar_is_deterministic_under_its_seed() -> None:
+    a = load_dataset("synthetic_cifar", num_train=64, num_val=16, num_test=16, seed=3)
+    b = load_dataset("synthetic_cifar", num_train=64, num_val=16, num_test=16, seed=3)
+    c = load_dataset("synthetic_cifar", num_train=64, num_val=16, num_test=16, seed=4)
+    for name in ("train", "val", "test"):
+        assert torch.equal(getattr(a, name).x, getattr(b, name).x) and torch.equal(getattr(a, name).y, getattr(b, name).y)
+    assert not torch.equal(a.train.x, c.train.x)
+    assert not torch.equal(a.train.x[:16], a.val.x)  # the splits are independent draws
+    # The validation set does not change with the size of the training set.
+    assert torch.equal(load_dataset("synthetic_cifar", num_train=10, num_val=16, num_test=16, seed=3).val.x, a.val.x)
+
+
+def test_synthetic_cifar_is_learnable_well_above_chance() -> None:
+    data = load_dataset("synthetic_cifar", num_train=1000, num_val=500, num_test=1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 5, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32, 10)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        i = torch.randint(0, 1000, (32,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(data.train.x[i]), data.train.y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        accuracy = float((model(data.val.x).argmax(1) == data.val.y).float().mean())
+    assert accuracy > 0.5  # chance is 0.1 (measured: 0.91 at these seeds)
+
+
+def test_sizes_apply_to_synthetic_cifar_only() -> None:
+    with pytest.raises(ValueError, match="num_train applies to the synthetic_cifar dataset only"):
+        load_dataset("digits", num_train=10)
+    with pytest.raises(ValueError, match="num_val"):
+        load_dataset("synthetic_cifar", num_val=0)
+
+
 # --------------------------------------------------------------------------- #
 # DeviceLoader
 # --------------------------------------------------------------------------- #
