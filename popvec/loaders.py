@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from popvec import checks
+from popvec.augment import Augment
 from popvec.data import TensorSplit
 
 __all__ = ["DeviceLoader", "iterate_batches", "BatchSource", "LoaderSource", "DeviceSource", "as_source"]
@@ -45,7 +46,19 @@ class DeviceLoader:
     epoch ``e`` is the permutation drawn by ``np.random.default_rng([seed_j, e])``,
     so it depends only on ``(member_seeds[j], e)``;
     ``next_batch()`` returns ``xs [N, B, ...], ys [N, B]``. Shared mode with seed
-    ``s`` sees the same order as a member with seed ``s``.
+    ``s`` sees the same order as a member with seed ``s``. With ``shared_order=True``
+    (needs ``num_members``) every member draws its samples from the one order of
+    ``seed`` but batches are still per member, ``[N, B, ...]``: what per-member
+    augmentation of a shared order needs.
+
+    ``augment`` (an :class:`~popvec.augment.Augment`) augments every batch on the
+    device. Each member has its own stream of draws, keyed like its order by its
+    seed: in epoch ``e`` member ``j`` draws ``augment.draw(member_seeds[j], e, M)``,
+    one row per sample slot of the epoch, so a member's augmentation depends only
+    on ``(member_seeds[j], e)`` and follows the member through :meth:`select` (a
+    copied member sees the same views as its source until one is reseeded) and
+    :meth:`reseed`; a resumed loader recomputes it from the saved seeds and epoch.
+    In shared mode the stream is that of ``seed``.
 
     The orders of the current epoch live on the split's device (``[M]`` or
     ``[N, M]`` int64); they are generated on the CPU and moved once per epoch,
@@ -61,6 +74,8 @@ class DeviceLoader:
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = True,
+        augment: Augment | None = None,
+        shared_order: bool = False,
     ) -> None:
         num_samples = len(split)
         if num_samples < 1:
@@ -69,16 +84,25 @@ class DeviceLoader:
         if drop_last and batch_size > num_samples:
             raise ValueError(f"batch_size must be <= len(split) = {num_samples} with drop_last; got {batch_size}")
         checks.optional_integer("num_members", num_members)
+        if shared_order and num_members is None:
+            raise ValueError("shared_order=True needs num_members=N (per-member batches of one shared order)")
+        if augment is not None and not isinstance(augment, Augment):
+            raise TypeError(f"augment must be a popvec.augment.Augment or None, got {type(augment).__name__}")
+        if augment is not None and split.x.dim() != 4:
+            raise ValueError(f"augment needs image samples [C, H, W]; this split's samples are {tuple(split.x.shape[1:])}")
         self.split = split
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.augment = augment
+        self.shared_order = shared_order
         self.steps_per_epoch = num_samples // batch_size if drop_last else -(-num_samples // batch_size)
         self.member_seeds: Tensor | None = None if num_members is None else seed + torch.arange(num_members, dtype=torch.int64)
         self.epoch = 0
         self.position = 0
         self._order = self._make_order(self.epoch)
+        self._draws = self._make_draws(self.epoch)
 
     # -- properties --------------------------------------------------------- #
     @property
@@ -98,8 +122,13 @@ class DeviceLoader:
 
     @property
     def order(self) -> Tensor:
-        """Current epoch's sample order: ``[M]`` (shared) or ``[N, M]`` (per member)."""
+        """Current epoch's sample order: ``[M]`` (shared, or ``shared_order``) or ``[N, M]`` (per member)."""
         return self._order
+
+    @property
+    def draws(self) -> Tensor | None:
+        """Current epoch's augmentation draws ``[M, 3]`` or ``[N, M, 3]`` (``int16``, on the device), or None."""
+        return self._draws
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -108,12 +137,21 @@ class DeviceLoader:
     def _make_order(self, epoch: int) -> Tensor:
         """Orders of ``epoch`` for the current seeds, on the device."""
         m, shuffle = self.num_samples, self.shuffle
-        if self.member_seeds is None:
+        if self.member_seeds is None or self.shared_order:
             order = _epoch_order(m, self.seed, epoch, shuffle)
         else:
             seeds = self.member_seeds.tolist()
             order = torch.stack([_epoch_order(m, s, epoch, shuffle) for s in seeds])
         return order.to(self.device)
+
+    def _make_draws(self, epoch: int) -> Tensor | None:
+        """Augmentation draws of ``epoch`` for the current seeds, on the device (None without ``augment``)."""
+        if self.augment is None:
+            return None
+        m = self.num_samples
+        if self.member_seeds is None:
+            return self.augment.draw(self.seed, epoch, m).to(self.device)
+        return torch.stack([self.augment.draw(s, epoch, m) for s in self.member_seeds.tolist()]).to(self.device)
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
         """Next batch: ``(x [B, ...], y [B])`` or ``(xs [N, B, ...], ys [N, B])``.
@@ -125,11 +163,21 @@ class DeviceLoader:
         flat = idx.reshape(-1)
         x = self.split.x.index_select(0, flat).view(*idx.shape, *self.split.x.shape[1:])
         y = self.split.y.index_select(0, flat).view(idx.shape)
+        if self.augment is not None:
+            assert self._draws is not None
+            x = self.augment.apply(x, self._draws[..., start : start + idx.shape[-1], :])
+        if self.shared_order:
+            n = self.num_members
+            assert n is not None
+            if x.dim() == self.split.x.dim():  # not augmented: every member sees the same view
+                x = x.expand(n, *x.shape)
+            y = y.expand(n, -1)
         self.position += 1
         if self.position == self.steps_per_epoch:
             self.epoch += 1
             self.position = 0
             self._order = self._make_order(self.epoch)
+            self._draws = self._make_draws(self.epoch)
         return x, y
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -156,7 +204,10 @@ class DeviceLoader:
             raise ValueError("indices must select at least one member")
         assert self.member_seeds is not None  # _member_positions refuses shared mode
         self.member_seeds = self.member_seeds.index_select(0, idx)
-        self._order = self._order.index_select(0, idx.to(self.device))
+        if not self.shared_order:
+            self._order = self._order.index_select(0, idx.to(self.device))
+        if self._draws is not None:
+            self._draws = self._draws.index_select(0, idx.to(self.device))
 
     def reseed(self, positions: Tensor | Sequence[int], seeds: Tensor | Sequence[int]) -> None:
         """Give members at ``positions`` the new ``seeds``, effective immediately.
@@ -167,6 +218,9 @@ class DeviceLoader:
         member still sees every sample once per epoch, at ``position == 0`` the
         member's order is exactly the new seed's, and from the next epoch on
         its order depends only on (new seed, epoch). Other members are untouched.
+        With ``shared_order`` the order is everyone's and stays; with ``augment``
+        the listed members draw the new seed's augmentation of this epoch from
+        the next batch on.
         """
         pos = self._member_positions(positions, "positions", "reseed")
         new_seeds = checks.integers("seeds", seeds)
@@ -174,17 +228,19 @@ class DeviceLoader:
             raise ValueError(f"seeds must have one entry per position; got {new_seeds.numel()} for {pos.numel()}")
         if pos.unique().numel() != pos.numel():
             raise ValueError(f"positions must not repeat; got {pos.tolist()}")
-        seen = self.position * self.batch_size
-        order = self._order.to("cpu", copy=True)
-        for p, s in zip(pos.tolist(), new_seeds.tolist()):
-            fresh = _epoch_order(self.num_samples, s, self.epoch, self.shuffle)
-            unseen = torch.ones(self.num_samples, dtype=torch.bool)
-            unseen[order[p, :seen]] = False
-            order[p, seen:] = fresh[unseen[fresh]]
+        if not self.shared_order:
+            seen = self.position * self.batch_size
+            order = self._order.to("cpu", copy=True)
+            for p, s in zip(pos.tolist(), new_seeds.tolist()):
+                fresh = _epoch_order(self.num_samples, s, self.epoch, self.shuffle)
+                unseen = torch.ones(self.num_samples, dtype=torch.bool)
+                unseen[order[p, :seen]] = False
+                order[p, seen:] = fresh[unseen[fresh]]
+            self._order = order.to(self.device)
         assert self.member_seeds is not None  # _member_positions refuses shared mode
         self.member_seeds = self.member_seeds.clone()
         self.member_seeds[pos] = new_seeds
-        self._order = order.to(self.device)
+        self._draws = self._make_draws(self.epoch)
 
     # -- checkpointing ------------------------------------------------------ #
     def state_dict(self) -> dict[str, Any]:
@@ -194,6 +250,8 @@ class DeviceLoader:
             "batch_size": self.batch_size,
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
+            "shared_order": self.shared_order,
+            "augment": None if self.augment is None else self.augment.config(),
             "seed": self.seed,
             "epoch": self.epoch,
             "position": self.position,
@@ -204,13 +262,16 @@ class DeviceLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the next batches equal the saved loader's.
 
-        The split, batch size, shuffle and drop_last settings and the mode
-        (shared / per member) must match; the number of members comes from ``state``.
+        The split, batch size, shuffle, drop_last, shared_order and augment settings and
+        the mode (shared / per member) must match; the number of members comes from
+        ``state``. Augmentation draws are recomputed from the restored seeds and epoch.
         """
-        for key in ("num_samples", "batch_size", "shuffle", "drop_last"):
-            if state[key] != getattr(self, key):
-                mine = getattr(self, key)
-                raise ValueError(f"state {key}={state[key]} does not match this loader's {mine}")
+        mine_now = {"shared_order": self.shared_order, "augment": None if self.augment is None else self.augment.config()}
+        for key in ("num_samples", "batch_size", "shuffle", "drop_last", "shared_order", "augment"):
+            theirs = state.get(key, {"shared_order": False, "augment": None}.get(key))
+            mine = mine_now[key] if key in mine_now else getattr(self, key)
+            if theirs != mine:
+                raise ValueError(f"state {key}={theirs} does not match this loader's {mine}")
         if (state["member_seeds"] is None) != (self.member_seeds is None):
             raise ValueError("state and loader differ in mode (shared vs. per-member)")
         self.seed = int(state["seed"])
@@ -219,6 +280,7 @@ class DeviceLoader:
         seeds = state["member_seeds"]
         self.member_seeds = None if seeds is None else seeds.clone().long()
         self._order = state["order"].to(self.device, torch.int64)
+        self._draws = self._make_draws(self.epoch)
 
 
 # --------------------------------------------------------------------------- #
