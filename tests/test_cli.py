@@ -202,7 +202,11 @@ def without_wall_time(history: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--per-member-data"]], ids=["shared", "per_member"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--per-member-data"], ["--augment"], ["--augment", "--per-member-data"]],
+    ids=["shared", "per_member", "augment", "augment_per_member"],
+)
 def test_resume_interrupted_run_equals_uninterrupted(
     extra: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from rich.console import Console
 
+from popvec.augment import Augment
 from popvec.callbacks import HistoryLogger
 from popvec.checkpoint import save_checkpoint
 from popvec.cli import common
@@ -46,6 +47,7 @@ class TrainConfig(DataFlags, OptimizerFlags, HparamFlags, SeedFlags, DeviceFlags
     reduce_factor: float = flag(0.5, "fraction kept each round, in (0, 1) (not hyperband's --reduction-factor, a divisor)", parse=open_unit)
     epochs: int = flag(10, "epochs of steps in total", parse=positive_int)
     per_member_data: bool = flag(False, "each member draws its own seeded batch order")
+    augment: bool = flag(False, "each member sees its own seeded random crop (padding 4) and horizontal flip of every batch")
     compile: bool = flag(False, "torch.compile the vmapped step")
     member_chunk_size: int | None = flag(None, "run members in chunks of this many (CPU: try 1)", parse=positive_int)
     # LeNet-5: the model of the quickstart and of the documented results.
@@ -70,8 +72,14 @@ def run(config: TrainConfig, console: Console, resume: bool = False) -> int:
         if resume and not (out / CHECKPOINT_NAME).is_file():
             console.print(f"{out} holds no {CHECKPOINT_NAME} yet (stopped before the first round): starting over from its config.json")
             resume = False
+        per_member = config.per_member_data or config.augment  # augmented views are per member
         train_loader = DeviceLoader(
-            data.train, config.batch_size, num_members=config.num_models if config.per_member_data else None, seed=config.seed
+            data.train,
+            config.batch_size,
+            num_members=config.num_models if per_member else None,
+            seed=config.seed,
+            augment=Augment.for_data(data) if config.augment else None,
+            shared_order=config.augment and not config.per_member_data,
         )
         trainer = MultipleInitializationsTrainer(
             model_fn,
