@@ -3,8 +3,9 @@
 An :class:`Augment` is a pure transform of a batch and its random draws: :meth:`Augment.draw`
 makes the draws of one stream (a seed and an epoch) on the CPU with NumPy, one row
 ``(dy, dx, flip)`` per sample slot, and :meth:`Augment.apply` applies draws ``[..., B, 3]`` to
-images ``[..., B, C, H, W]`` as one gather on the images' device: padding, cropping and
-flipping of every member's every sample at once, with no Python loop over members or samples.
+images ``[..., B, C, H, W]`` on the images' device: the images are padded once (and once
+mirrored) and every member's every crop is then copied by one gather indexed by ``[N, B]``
+tensors, with no Python loop over members or samples.
 Applying member ``i``'s draws to member ``i``'s images alone gives bit for bit what the batched
 call gives for member ``i`` (a gather copies values; it does no arithmetic).
 
@@ -111,17 +112,19 @@ class Augment:
         fill = torch.tensor(_channel_values("fill", self.fill), dtype=x.dtype, device=x.device)
         if fill.numel() not in (1, c):
             raise ValueError(f"fill must hold 1 or {c} values (the channels), got {fill.numel()}")
+        # Pad each image once, as it is and mirrored: a flipped crop at dx is the crop of the mirrored
+        # image at 2p - dx. unfold makes every crop a view, so one gather with [*L] indices copies them.
         flat = x.reshape(-1, c, h, w)
-        padded = flat.new_empty(flat.shape[0], c, h + 2 * p, w + 2 * p)
+        padded = flat.new_empty(2, flat.shape[0], c, h + 2 * p, w + 2 * p)
         padded.copy_(fill.view(-1, 1, 1).expand(c, h + 2 * p, w + 2 * p))
-        padded[:, :, p : p + h, p : p + w] = flat
+        padded[0, :, :, p : p + h, p : p + w] = flat
+        padded[1, :, :, p : p + h, p : p + w] = flat.flip(-1)
         draws = draws.to(x.device, torch.int64).expand(*lead, 3)
+        flip, dy = draws[..., 2], draws[..., 0]
+        dx = torch.where(flip.bool(), 2 * p - draws[..., 1], draws[..., 1])
         sample = torch.arange(flat.shape[0], device=x.device).view(lead_x).expand(lead)
-        ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
-        rows = draws[..., 0:1] + ar_h  # [*L, H]
-        cols = draws[..., 1:2] + torch.where(draws[..., 2:3].bool(), ar_w.flip(0), ar_w)  # [*L, W]
-        chan = torch.arange(c, device=x.device).view(c, 1, 1)
-        out = padded[sample[..., None, None, None], chan, rows[..., None, :, None], cols[..., None, None, :]]
+        windows = padded.unfold(3, h, 1).unfold(4, w, 1)  # [2, K, C, 2p + 1, 2p + 1, H, W], a view
+        out = windows[flip, sample, :, dy, dx]  # [*L, C, H, W]
         if self.normalize is not None:
             mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(-1, 1, 1) for v in self.normalize)
             out = (out - mean) / std
