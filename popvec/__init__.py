@@ -1,7 +1,7 @@
 """popvec: train whole populations of neural networks at once, one vmapped step for all N members.
 
 The front door. The core (flat): :class:`Population`, :mod:`~popvec.optim`, :mod:`~popvec.schedules`,
-:mod:`~popvec.engine`, :mod:`~popvec.data`, :mod:`~popvec.loaders`, :mod:`~popvec.models`,
+:mod:`~popvec.engine`, :mod:`~popvec.data`, :mod:`~popvec.loaders`, :mod:`~popvec.augment`, :mod:`~popvec.models`,
 :mod:`~popvec.selection`, :class:`PopulationTrainer`. Three wings: :mod:`popvec.search`
 (Hyperband, PBT, staged fidelity), :mod:`popvec.studies` (LMC, instability, warm-starting,
 ensembles) and :mod:`popvec.cli` (the ``popvec`` command).
@@ -9,7 +9,7 @@ ensembles) and :mod:`popvec.cli` (the ``popvec`` command).
 
 import sys as _sys
 
-from popvec import data, engine, loaders, models, optim, schedules, search, selection, studies
+from popvec import augment, data, engine, loaders, models, optim, schedules, search, selection, studies
 from popvec.population import Population
 from popvec.search import hyperband, pbt
 from popvec.studies import ensemble, lmc, warmstart
@@ -19,6 +19,7 @@ __all__ = [
     "MultipleInitializationsTrainer",
     "Population",
     "PopulationTrainer",
+    "augment",
     "data",
     "engine",
     "ensemble",
