@@ -96,7 +96,7 @@ class PopulationTrainer:
     ) -> None:
         self.state = PopulationState(population, optimizer, loss_hparams)
         self.loss_fn = loss_fn
-        self.eval_batch_size = eval_batch_size
+        self.eval_batch_size = checks.integer("eval_batch_size", eval_batch_size)
         self.console = console or Console()
         self.callbacks: list[Callback] = list(callbacks) if callbacks is not None else [ConsoleReporter(self.console, progress)]
         self._train_step = TrainStep(population, optimizer, loss_fn, compile, cuda_graph, member_chunk_size, randomness)
