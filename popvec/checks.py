@@ -40,6 +40,7 @@ __all__ = [
     "device",
     "model_fn",
     "labels",
+    "xy_batch",
     "integer",
     "optional_integer",
     "number",
@@ -375,15 +376,19 @@ def seed(name: str, value: Any, n: int = 1) -> int:
 
 
 def device(name: str, value: Any) -> torch.device:
-    """``value`` (a ``torch.device`` or a string such as ``"cpu"``, ``"cuda:1"``) as a ``torch.device``."""
-    if isinstance(value, torch.device):
+    """``value`` (a ``torch.device`` or a string such as ``"cpu"``, ``"cuda:1"``) as a ``torch.device``;
+    a CUDA device on a machine without CUDA is refused."""
+    if isinstance(value, torch.device) and not (value.type == "cuda" and not torch.cuda.is_available()):
         return value
     if not isinstance(value, (str, int)) or _is_bool(value):
         raise CheckTypeError(f"{name} must be a torch.device or a device string such as 'cpu' or 'cuda:0', got {value!r}")
     try:
-        return torch.device(value)
+        result = torch.device(value)
     except RuntimeError:
         raise InvalidArgument(f"{name} must be a device such as 'cpu', 'cuda' or 'cuda:0', got {value!r}") from None
+    if result.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument(f"{name} is {value!r} but CUDA is not available; use 'cpu'")
+    return result
 
 
 def model_fn(name: str, value: Any) -> Any:
@@ -408,3 +413,10 @@ def labels(name: str, y: Tensor, num_classes: int) -> None:
             raise InvalidArgument(
                 f"{name} must hold class labels in [0, {num_classes - 1}] (the model has {num_classes} outputs), got {lo}..{hi}"
             )
+
+
+def xy_batch(name: str, batch: Any) -> tuple[Tensor, Tensor]:
+    """One batch of ``name`` as ``(x, y)``: a pair (tuple or list) of tensors, else :class:`CheckTypeError`."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch)):
+        raise CheckTypeError(f"{name} must yield (x, y) pairs of tensors, got a batch of type {type(batch).__name__}")
+    return batch[0], batch[1]

@@ -394,8 +394,8 @@ def accumulate_metrics(
     sums: tuple[Tensor, Tensor] | None = None  # per member: loss x batch size, correct predictions
     count = 0
     bad_x: Tensor | None = None  # whether any batch's x held NaN/inf: one reduction per batch, one sync at the end
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    for batch in batches:
+        x, y = (t.to(device, non_blocking=True) for t in checks.xy_batch("data", batch))
         if x.is_floating_point():
             bad = ~torch.isfinite(x).all()
             bad_x = bad if bad_x is None else bad_x | bad

@@ -276,6 +276,9 @@ class Population:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Population:
         """Move every stack to ``device`` and floating-point stacks to ``dtype``, in place."""
 
+        if device is not None:
+            device = checks.device("device", device)
+
         def move(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
 
@@ -317,6 +320,10 @@ class Population:
 
     def load_state_dict(self, state: dict[str, Any]) -> Population:
         """Replace the stacks with ``state``'s (N may differ); names and per-member shapes must match."""
+        keys = ("params", "buffers", "ids", "trainable", "training")
+        if not isinstance(state, Mapping) or any(k not in state for k in keys):
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise checks.InvalidArgument(f"state must be a Population.state_dict() with keys {', '.join(keys)}; got {got}")
         for kind in ("params", "buffers"):
             mine, theirs = getattr(self, kind), state[kind]
             if set(mine) != set(theirs):
