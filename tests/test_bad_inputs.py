@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from popvec import Population, PopulationTrainer, engine, optim
+from popvec import MultipleInitializationsTrainer, Population, PopulationTrainer, engine, optim
 from popvec.cli import common
 from popvec.cli.main import main as cli_entry
 from popvec.data import load_dataset
@@ -237,6 +237,11 @@ def _trainer_with(**kwargs: Any) -> PopulationTrainer:
 X = torch.randn(8, 1, 8, 8)
 Y = torch.randint(0, 10, (8,))
 
+
+def _sgd(pop: Population) -> Any:
+    return optim.SGD(pop, lr=0.1)
+
+
 API_CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
     ("module as model_fn", lambda: Population.from_factory(_mlp(), 2), TypeError, "model_fn"),
     ("model_fn not callable", lambda: Population.from_factory(3, 2), TypeError, "model_fn"),  # type: ignore[arg-type]
@@ -310,8 +315,37 @@ API_CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
     ("interpolate batch_size -1", lambda: lmc.interpolate(_mlp(), _mlp(), (X, Y), batch_size=-1), ValueError, "batch_size"),
     ("interpolate bn bogus", lambda: lmc.interpolate(_mlp(), _mlp(), (X, Y), bn="nope"), ValueError, "bn"),  # type: ignore[arg-type]
     ("interpolate non-module", lambda: lmc.interpolate(3, _mlp(), (X, Y)), TypeError, "a"),  # type: ignore[arg-type]
+    ("to tpu", lambda: Population.from_factory(_mlp, 2).to("tpu"), ValueError, "device"),
+    ("load_state_dict of something else", lambda: Population.from_factory(_mlp, 2).load_state_dict({}), ValueError, "state"),
+    ("build_model num_classes 0", lambda: build_model("mlp", (1, 8, 8), 0), ValueError, "num_classes"),
+    ("MultipleInitializationsTrainer module", lambda: MultipleInitializationsTrainer(_mlp(), _sgd, num_models=2), TypeError, "model_fn"),
+    (
+        "MultipleInitializationsTrainer seed -1",
+        lambda: MultipleInitializationsTrainer(_mlp, _sgd, num_models=2, seed=-1),
+        ValueError,
+        "seed",
+    ),
+    ("evaluate batches not pairs", lambda: engine.evaluate(Population.from_factory(_mlp, 2), [1, 2, 3]), TypeError, "(x, y) pairs"),
+    ("interpolate batches not pairs", lambda: lmc.interpolate(_mlp(), _mlp(), [1, 2, 3]), TypeError, "(x, y) pairs"),
+    ("fit train_data None", lambda: _trainer().fit(None, (X, Y), steps=2), TypeError, "train data"),
+    ("interpolate alphas 0", lambda: lmc.interpolate(_mlp(), _mlp(), (X, Y), alphas=0), ValueError, "alphas"),
+    (
+        "shrink_perturb lam -1",
+        lambda: Population.from_factory(_mlp, 2).shrink_perturb(lam=-1.0, sigma=0.1, model_fn=_mlp),
+        ValueError,
+        "lam",
+    ),
+    ("member -1", lambda: Population.from_factory(_mlp, 2).member(-1), ValueError, "[0, 1]"),
+    (
+        "set_hparam label_smoothing 2",
+        lambda: _trainer_with(loss_hparams={"label_smoothing": 0.1}).set_hparam("label_smoothing", 2.0),
+        ValueError,
+        "label_smoothing",
+    ),
     ("interpolate y out of range", lambda: lmc.interpolate(_mlp(), _mlp(), (X, torch.full((8,), 12))), ValueError, "y"),
 ]
+if not CUDA:
+    API_CASES.append(("device cuda without CUDA", lambda: Population.from_factory(_mlp, 2, device="cuda"), ValueError, "CUDA"))
 
 
 def run_api(call: Callable[[], Any]) -> tuple[str, BaseException | None]:
