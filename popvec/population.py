@@ -400,7 +400,7 @@ class Population:
                 return out
         except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
             raise checks.InvalidArgument(
-                f"x of shape {tuple(x.shape)} and dtype {x.dtype} does not fit the model "
+                f"x of shape {tuple(x.shape)} and dtype {x.dtype} on {x.device} does not fit the model "
                 f"({type(self.skeleton).__name__}, one member on one batch): {type(error).__name__}: {' '.join(str(error).split())}"
             ) from error
 
@@ -505,20 +505,13 @@ def check_batch(x: Tensor, n: int, per_member: bool, name: str) -> None:
 
 
 def check_placement(x: Tensor, population: Population, name: str) -> None:
-    """Raise if ``x`` is on another device than the population, or is floating point of another dtype
-    than its floating-point parameters (a cheap check of metadata: no host sync)."""
+    """Raise if ``x`` is on another device than the population (metadata only: no host sync). A dtype
+    the model cannot take is left to the forward, whose failure :meth:`Population.probe_member` names."""
     device = population.device
     if x.device != device:
         raise checks.InvalidArgument(
             f"{name} must be on the population's device {device}, got {x.device}; move it with {name}.to({str(device)!r})"
         )
-    if x.is_floating_point() and not torch.is_autocast_enabled():
-        dtypes = {p.dtype for p in population.params.values() if p.is_floating_point()}
-        if dtypes and x.dtype not in dtypes:
-            want = sorted(str(d) for d in dtypes)[0]
-            raise checks.CheckTypeError(
-                f"{name} must have the dtype of the population's parameters ({want}), got {x.dtype}; convert it with {name}.to({want})"
-            )
 
 
 def _get_tensor(module: nn.Module, name: str) -> Tensor:

@@ -258,7 +258,7 @@ API_CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = [
     ("from_modules mixed", lambda: Population.from_modules([_mlp(), _cnn()]), ValueError, "modules"),
     ("from_modules non-module", lambda: Population.from_modules([_mlp(), 3]), TypeError, "modules[1]"),  # type: ignore[list-item]
     ("step int x", lambda: _trainer().step(X.long(), Y), ValueError, "x"),
-    ("step float64 x", lambda: _trainer().step(X.double(), Y), TypeError, "x"),
+    ("step float64 x", lambda: _trainer().step(X.double(), Y), ValueError, "dtype torch.float64"),
     ("step wrong shape x", lambda: _trainer().step(torch.randn(8, 3, 5, 5), Y), ValueError, "x"),
     ("step wrong shape x (cnn)", lambda: _trainer(model_fn=_cnn).step(torch.randn(8, 1, 4, 4), Y), ValueError, "x"),
     ("step x 1-D", lambda: _trainer().step(torch.randn(64), Y), ValueError, "x"),
@@ -421,6 +421,24 @@ def test_a_bad_input_leaves_the_population_untouched() -> None:
         trainer.step(X, torch.full((8,), -1))
     assert all(torch.equal(before[k], v) for k, v in trainer.population.params.items())
     assert trainer.global_step == 0
+
+
+class _Casting(nn.Module):
+    """Casts its input itself: float64 x is fine for it, so dtype is judged by the forward, not up front."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.float().flatten(1))
+
+
+def test_an_input_the_model_can_take_is_not_refused(single_thread: None) -> None:
+    trainer = _trainer(model_fn=_Casting)
+    losses = trainer.step(X.double(), Y)
+    assert losses.shape == (3,) and bool(torch.isfinite(losses).all())
+    assert trainer.evaluate(X.double(), Y)["loss"].shape == (3,)
 
 
 # --------------------------------------------------------------------------- the audit
