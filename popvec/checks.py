@@ -7,10 +7,11 @@ the argument, says what it accepts and shows what it got::
     integer("num_models", 0)          # ValueError: num_models must be an integer >= 1, got 0
     unit_interval("fraction", 1.5, high_open=True)   # fraction must lie in [0, 1), got 1.5
 
-A value of the right kind outside the allowed set raises ``ValueError``. A value of the wrong kind
-(a bool or a float where an integer is needed, a string where a number is) raises
-:class:`CheckTypeError`, which is a ``TypeError`` and also a ``ValueError``, so code that caught
-``ValueError`` from the checks this module replaced keeps working.
+A value of the right kind outside the allowed set raises :class:`InvalidArgument` (a
+``ValueError``). A value of the wrong kind (a bool or a float where an integer is needed, a string
+where a number is) raises :class:`CheckTypeError`, which is a ``TypeError`` and also an
+:class:`InvalidArgument`, so code that caught ``ValueError`` from the checks this module replaced
+keeps working. The ``popvec`` command prints either as one line (exit 2).
 
 Rules shared by every validator:
 
@@ -32,7 +33,14 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "MAX_SEED",
     "CheckTypeError",
+    "InvalidArgument",
+    "seed",
+    "device",
+    "model_fn",
+    "labels",
+    "xy_batch",
     "integer",
     "optional_integer",
     "number",
@@ -49,7 +57,15 @@ T = TypeVar("T")
 INF = math.inf
 
 
-class CheckTypeError(TypeError, ValueError):
+#: The largest seed: ``torch.manual_seed`` and the int64 seed tensors of the loaders hold it.
+MAX_SEED = 2**63 - 1
+
+
+class InvalidArgument(ValueError):
+    """An argument outside what it accepts: the one-line message names it and the allowed values."""
+
+
+class CheckTypeError(TypeError, InvalidArgument):
     """A value of the wrong kind. Both a ``TypeError`` and (for callers written against the
     earlier checks) a ``ValueError``."""
 
@@ -130,7 +146,7 @@ def _integer(name: str, value: Any, minimum: int | None, maximum: int | None, op
     is_integer = _is_integer(value)
     if is_integer and (minimum is None or value >= minimum) and (maximum is None or value <= maximum):
         return int(value)
-    error = ValueError if is_integer else CheckTypeError
+    error = InvalidArgument if is_integer else CheckTypeError
     raise error(f"{name} must {_integer_phrase(minimum, maximum, optional)}, got {value!r}")
 
 
@@ -174,7 +190,7 @@ def _number(name: str, value: Any, low: float, high: float, low_open: bool, high
             v = INF if value > 0 else -INF
         if (allow_inf or math.isfinite(v)) and _in_interval(v, low, high, low_open, high_open):
             return v
-    error = ValueError if is_real else CheckTypeError
+    error = InvalidArgument if is_real else CheckTypeError
     raise error(f"{name} must {_number_phrase(low, high, low_open, high_open, allow_inf, optional)}, got {value!r}")
 
 
@@ -202,7 +218,9 @@ def number_or_tensor(
     if value.dtype == torch.bool or value.is_complex():
         raise CheckTypeError(f"{name} must be a number or a tensor of real numbers, got dtype {value.dtype}")
     if value.numel() and not bool(_member_ok(value.detach().double(), low, high, low_open, high_open, False).all()):
-        raise ValueError(f"{name} must be {_member_phrase(low, high, low_open, high_open, False)} for every entry, got {value.tolist()}")
+        raise InvalidArgument(
+            f"{name} must be {_member_phrase(low, high, low_open, high_open, False)} for every entry, got {value.tolist()}"
+        )
     return value
 
 
@@ -216,7 +234,7 @@ def choice(name: str, value: T, allowed: Collection[Any]) -> T:
             return False
 
     if not any(same(a) for a in allowed):
-        raise ValueError(f"{name} must be one of {', '.join(str(a) for a in allowed)}, got {value!r}")
+        raise InvalidArgument(f"{name} must be one of {', '.join(str(a) for a in allowed)}, got {value!r}")
     return value
 
 
@@ -279,9 +297,9 @@ def member_values(
     if values.dim() == 0:
         values = values.expand(n)
     if values.shape != (n,):
-        raise ValueError(f"{name} must be a float or have one value per member (length {n}), got shape {tuple(values.shape)}")
+        raise InvalidArgument(f"{name} must be a float or have one value per member (length {n}), got shape {tuple(values.shape)}")
     if not bool(_member_ok(values, low, high, low_open, high_open, allow_inf).all()):
-        raise ValueError(
+        raise InvalidArgument(
             f"{name} must be {_member_phrase(low, high, low_open, high_open, allow_inf)} for every member, got {values.tolist()}"
         )
     return values.to(device if device is not None else "cpu").clone()
@@ -310,7 +328,7 @@ def integers(name: str, values: Any) -> Tensor:
     if not _integer_dtype(index):
         raise CheckTypeError(f"{kind}, got dtype {index.dtype}")
     if index.dim() != 1:
-        raise ValueError(f"{kind}, got shape {tuple(index.shape)}")
+        raise InvalidArgument(f"{kind}, got shape {tuple(index.shape)}")
     return index.detach().cpu().long()
 
 
@@ -343,9 +361,62 @@ def positions(
             raise CheckTypeError(f"{name} must be integers, got dtype {index.dtype}")
     if index.dim() != 1 or (index.numel() == 0 and not allow_empty):
         what = "a 1-D sequence" if allow_empty else "a non-empty 1-D sequence"
-        raise ValueError(f"{name} must be {what} of member positions, got shape {tuple(index.shape)}")
+        raise InvalidArgument(f"{name} must be {what} of member positions, got shape {tuple(index.shape)}")
     if index.numel():
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= n:
-            raise ValueError(f"{name} must lie in [0, {n - 1}] for a population of {n} members, got {lo}..{hi}")
+            raise InvalidArgument(f"{name} must lie in [0, {n - 1}] for a population of {n} members, got {lo}..{hi}")
     return index.to(device=device, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------- seeds, devices, models, labels
+def seed(name: str, value: Any, n: int = 1) -> int:
+    """A seed as an ``int`` in ``[0, MAX_SEED - (n - 1)]``: ``n`` consecutive seeds ``value + i`` all fit."""
+    return integer(name, value, 0, MAX_SEED - (n - 1))
+
+
+def device(name: str, value: Any) -> torch.device:
+    """``value`` (a ``torch.device`` or a string such as ``"cpu"``, ``"cuda:1"``) as a ``torch.device``;
+    a CUDA device on a machine without CUDA is refused."""
+    if isinstance(value, torch.device) and not (value.type == "cuda" and not torch.cuda.is_available()):
+        return value
+    if not isinstance(value, (str, int)) or _is_bool(value):
+        raise CheckTypeError(f"{name} must be a torch.device or a device string such as 'cpu' or 'cuda:0', got {value!r}")
+    try:
+        result = torch.device(value)
+    except RuntimeError:
+        raise InvalidArgument(f"{name} must be a device such as 'cpu', 'cuda' or 'cuda:0', got {value!r}") from None
+    if result.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument(f"{name} is {value!r} but CUDA is not available; use 'cpu'")
+    return result
+
+
+def model_fn(name: str, value: Any) -> Any:
+    """A callable returning a new ``nn.Module`` (a class, a function, a lambda); not a module itself."""
+    if isinstance(value, torch.nn.Module):
+        raise CheckTypeError(
+            f"{name} must be a callable returning a new nn.Module; got an nn.Module instance ({type(value).__name__}): "
+            f"pass its class or a lambda that builds one"
+        )
+    if not callable(value):
+        raise CheckTypeError(f"{name} must be a callable returning a new nn.Module, got {type(value).__name__}")
+    return value
+
+
+def labels(name: str, y: Tensor, num_classes: int) -> None:
+    """Class labels: an integer tensor with every entry in ``[0, num_classes)`` (one reduction, one host sync)."""
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise CheckTypeError(f"{name} must hold integer class labels in [0, {num_classes - 1}], got dtype {y.dtype}")
+    if y.numel():
+        lo, hi = torch.stack([y.min(), y.max()]).tolist()
+        if lo < 0 or hi >= num_classes:
+            raise InvalidArgument(
+                f"{name} must hold class labels in [0, {num_classes - 1}] (the model has {num_classes} outputs), got {lo}..{hi}"
+            )
+
+
+def xy_batch(name: str, batch: Any) -> tuple[Tensor, Tensor]:
+    """One batch of ``name`` as ``(x, y)``: a pair (tuple or list) of tensors, else :class:`CheckTypeError`."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch)):
+        raise CheckTypeError(f"{name} must yield (x, y) pairs of tensors, got a batch of type {type(batch).__name__}")
+    return batch[0], batch[1]

@@ -16,13 +16,33 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
-from popvec import checks, diagnose
+from popvec import checks, diagnose, losses
 from popvec.optim import Optimizer, grad_norm
-from popvec.population import Population, as_mask, check_batch
+from popvec.population import Population, as_mask, check_batch, check_placement
 
 __all__ = ["LossFn", "make_grad_fn", "preflight", "TrainStep", "evaluate", "accumulate_metrics", "batch_accuracy"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+#: Losses over class labels: with these, ``y`` must hold integers in ``[0, C)`` (checked, see :func:`check_pair`).
+CLASSIFICATION_LOSSES: tuple[Callable[..., Tensor], ...] = (F.cross_entropy, F.nll_loss, losses.cross_entropy)
+
+
+def check_pair(x: Tensor, y: Tensor, per_member: bool) -> None:
+    """Raise unless ``y`` has one entry per sample of ``x`` (no host sync)."""
+    dim = 1 if per_member else 0
+    if y.dim() <= dim or y.shape[: dim + 1] != x.shape[: dim + 1]:
+        lead = "[N, B, ...]" if per_member else "[B, ...]"
+        raise checks.InvalidArgument(
+            f"y must have one entry per sample of x ({lead}: {tuple(x.shape[: dim + 1])}), got shape {tuple(y.shape)}"
+        )
+
+
+def check_labels(loss_fn: Callable[..., Tensor], outputs: Tensor, y: Tensor) -> None:
+    """For a classification loss and class-index targets (``y`` one dim less than ``outputs``), every
+    label in ``[0, C)`` for ``C = outputs.shape[-1]`` (one reduction and one host sync)."""
+    if loss_fn in CLASSIFICATION_LOSSES and y.dim() == outputs.dim() - 1:
+        checks.labels("y", y, int(outputs.shape[-1]))
 
 
 def make_grad_fn(
@@ -86,7 +106,14 @@ def preflight(
     the torch operation and a known fix (``randomness="same"`` for in-place random draws, no LSTM
     batching rule, ``enable_nested_tensor=False`` for TransformerEncoder padding masks). The cost is
     one tiny step; :class:`TrainStep` runs it once per batch shape.
+
+    First member 0 runs alone, without vmap, on the same samples: what fails there is the data's
+    fault, not vmap's, and raises :class:`popvec.checks.InvalidArgument` naming ``x`` (the forward)
+    or ``y`` (the loss). With a classification loss every label of ``y`` (the whole batch) is
+    checked to lie in ``[0, C)`` here: so labels are checked at the first step of each batch
+    shape, not at every step (no host sync per step).
     """
+    check_pair(x, y, per_member)
     members = min(population.n, 2)
     samples = min(int(x.shape[1 if per_member else 0]) if x.dim() > int(per_member) else 1, 2)
 
@@ -110,6 +137,17 @@ def preflight(
     devices = [x.device] if x.is_cuda else []
     try:
         population.train()
+        outputs = probe.probe_member(x[0] if per_member else x, samples)
+        check_labels(loss_fn, outputs.unsqueeze(0) if per_member else outputs, y)
+        y0 = ys[0] if per_member else ys
+        try:
+            with torch.no_grad():
+                loss_fn(outputs, y0, **{k: v[0] for k, v in hparams.items()})
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
+            raise checks.InvalidArgument(
+                f"y of shape {tuple(y.shape)} and dtype {y.dtype} does not fit the loss (one member on one batch): "
+                f"{type(error).__name__}: {' '.join(str(error).split())}"
+            ) from error
         with torch.random.fork_rng(devices=devices):
             grad_fn(trainable, frozen, probe.buffers, xs, ys, *extra)
     except (RuntimeError, NotImplementedError) as error:
@@ -188,6 +226,9 @@ class TrainStep:
         pop = self.population
         check_batch(x, pop.n, per_member, "x")
         check_batch(y, pop.n, per_member, "y")
+        check_placement(x, pop, "x")
+        if y.device != pop.device:
+            raise checks.InvalidArgument(f"y must be on the population's device {pop.device}, got {y.device}")
         loss_hparams = loss_hparams or {}
         shape_key = (per_member, tuple(x.shape), tuple(y.shape), tuple(sorted(loss_hparams)))
         if shape_key not in self._preflown:  # once per batch shape: a clear error instead of a vmap one
@@ -320,6 +361,7 @@ def evaluate(
             lambda x: population.forward(x, member_chunk_size=member_chunk_size),
             vmap(loss_fn, in_dims=(0, None)),
             population.device,
+            check_labels=loss_fn in CLASSIFICATION_LOSSES,
         )
     finally:
         population.train(was_training)
@@ -334,6 +376,7 @@ def accumulate_metrics(
     outputs_fn: Callable[[Tensor], Tensor],
     losses_fn: Callable[[Tensor, Tensor], Tensor],
     device: torch.device | str,
+    check_labels: bool = False,
 ) -> dict[str, Tensor]:
     """Per-member mean loss and accuracy over all ``batches``: ``{"loss": [N], "accuracy": [N]}`` in float64.
 
@@ -344,17 +387,23 @@ def accumulate_metrics(
     (accuracy 0 otherwise). Inputs ``x``
     holding NaN or inf raise ValueError (checked per batch, reported once at the end). The one
     evaluation loop behind :func:`evaluate`, the LMC shortcut and
-    the ensembles; raises ValueError when ``batches`` hold no sample.
+    the ensembles; raises ValueError when ``batches`` hold no sample. ``check_labels``: class-index
+    labels must be integers in ``[0, C)`` and each batch's ``y`` must match its ``x`` in length
+    (one reduction and one host sync per batch: evaluation is not the training hot path).
     """
     sums: tuple[Tensor, Tensor] | None = None  # per member: loss x batch size, correct predictions
     count = 0
     bad_x: Tensor | None = None  # whether any batch's x held NaN/inf: one reduction per batch, one sync at the end
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    for batch in batches:
+        x, y = (t.to(device, non_blocking=True) for t in checks.xy_batch("data", batch))
         if x.is_floating_point():
             bad = ~torch.isfinite(x).all()
             bad_x = bad if bad_x is None else bad_x | bad
+        if y.dim() == 0 or y.shape[0] != x.shape[0]:
+            raise checks.InvalidArgument(f"y must have one entry per sample of x ({x.shape[0]}), got shape {tuple(y.shape)}")
         outputs = outputs_fn(x)
+        if check_labels and y.dim() == outputs.dim() - 2:
+            checks.labels("y", y, int(outputs.shape[-1]))
         losses = losses_fn(outputs, y)
         if sums is None:
             zeros = torch.zeros(losses.shape, dtype=torch.float64, device=losses.device)

@@ -8,13 +8,17 @@ loss_hparams={"label_smoothing": [0.0, 0.1, ...]})`` gives every member its own 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["cross_entropy", "LOSS_HPARAMS"]
+__all__ = ["cross_entropy", "LOSS_HPARAMS", "LOSS_HPARAM_RANGES"]
 
 #: per-member loss hyperparameters :func:`cross_entropy` understands
 LOSS_HPARAMS: tuple[str, ...] = ("label_smoothing",)
+#: the values each accepts (keywords of :func:`popvec.checks.member_values`)
+LOSS_HPARAM_RANGES: dict[str, dict[str, Any]] = {"label_smoothing": {"low": 0.0, "high": 1.0}}
 
 
 def cross_entropy(out: Tensor, y: Tensor, label_smoothing: Tensor | float = 0.0) -> Tensor:

@@ -230,6 +230,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwa
     Extra ``kwargs`` go to the model constructor (e.g. ``hidden``/``dropout`` for ``mlp``).
     """
     _check_name(name)
+    checks.integer("num_classes", num_classes)
     if name == "logreg":
         return LogisticRegression(math.prod(input_shape), num_classes, **kwargs)
     if name == "mlp":

@@ -188,12 +188,19 @@ class Population:
         The global RNG is left as it was, so building a population does not disturb the caller's
         random stream.
         """
+        model_fn = checks.model_fn("model_fn", model_fn)
         n = checks.integer("n", n)
+        seed = checks.seed("seed", seed, n)
+        if device is not None:
+            device = checks.device("device", device)
         modules = []
         with torch.random.fork_rng(devices=[]):
             for member_seed in member_seeds(seed, n):
                 torch.manual_seed(member_seed)
-                modules.append(model_fn())
+                module = model_fn()
+                if not isinstance(module, nn.Module):
+                    raise checks.CheckTypeError(f"model_fn must return a new nn.Module, returned {type(module).__name__}")
+                modules.append(module)
         pop = cls.from_modules(modules)
         return pop.to(device) if device is not None else pop
 
@@ -269,6 +276,9 @@ class Population:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Population:
         """Move every stack to ``device`` and floating-point stacks to ``dtype``, in place."""
 
+        if device is not None:
+            device = checks.device("device", device)
+
         def move(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
 
@@ -310,6 +320,10 @@ class Population:
 
     def load_state_dict(self, state: dict[str, Any]) -> Population:
         """Replace the stacks with ``state``'s (N may differ); names and per-member shapes must match."""
+        keys = ("params", "buffers", "ids", "trainable", "training")
+        if not isinstance(state, Mapping) or any(k not in state for k in keys):
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise checks.InvalidArgument(f"state must be a Population.state_dict() with keys {', '.join(keys)}; got {got}")
         for kind in ("params", "buffers"):
             mine, theirs = getattr(self, kind), state[kind]
             if set(mine) != set(theirs):
@@ -356,6 +370,7 @@ class Population:
         raises a RuntimeError naming the module, the operation and a known fix.
         """
         check_batch(x, self.n, per_member, "x")
+        check_placement(x, self, "x")
         chunk = member_chunk_size if member_chunk_size is not None else chunk_size
         fn = vmap(
             copying_inputs(self.functional()),
@@ -366,7 +381,28 @@ class Population:
         try:
             return fn(self.params, self.buffers, x)
         except (RuntimeError, NotImplementedError) as error:
+            self.probe_member(x[0] if per_member else x)  # the input's fault, not vmap's: say so
             raise self._explained(error, "forward") from error
+
+    def probe_member(self, x: Tensor, samples: int = 2) -> Tensor:
+        """Member 0 alone (no vmap) on at most ``samples`` samples of ``x`` ``[B, ...]``; its outputs.
+
+        Nothing is changed (buffers are copies, no autograd, the global RNG is restored). A failure
+        here is the input's, not vmap's: raises :class:`popvec.checks.InvalidArgument` naming ``x``,
+        its shape and dtype, and the model's error.
+        """
+        params = {k: v[0] for k, v in self.params.items()}
+        buffers = {k: v[0].clone() for k, v in self.buffers.items()}
+        devices = [x.device] if x.is_cuda else []
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                out: Tensor = functional_call(self.skeleton, (params, buffers), (x[:samples].clone(),))
+                return out
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
+            raise checks.InvalidArgument(
+                f"x of shape {tuple(x.shape)} and dtype {x.dtype} on {x.device} does not fit the model "
+                f"({type(self.skeleton).__name__}, one member on one batch): {type(error).__name__}: {' '.join(str(error).split())}"
+            ) from error
 
     def _explained(self, error: BaseException, stage: str) -> BaseException:
         """A RuntimeError for a vmap failure in ``stage``: the module that was running, the operation, a fix."""
@@ -466,6 +502,16 @@ def check_batch(x: Tensor, n: int, per_member: bool, name: str) -> None:
     samples = 1 if per_member else 0
     if x.dim() <= samples or x.shape[samples] == 0:
         raise ValueError(f"{name} must hold at least one sample (shape [B, ...], or [N, B, ...] per member), got shape {tuple(x.shape)}")
+
+
+def check_placement(x: Tensor, population: Population, name: str) -> None:
+    """Raise if ``x`` is on another device than the population (metadata only: no host sync). A dtype
+    the model cannot take is left to the forward, whose failure :meth:`Population.probe_member` names."""
+    device = population.device
+    if x.device != device:
+        raise checks.InvalidArgument(
+            f"{name} must be on the population's device {device}, got {x.device}; move it with {name}.to({str(device)!r})"
+        )
 
 
 def _get_tensor(module: nn.Module, name: str) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from popvec.loaders import BatchSource
+from popvec.losses import LOSS_HPARAM_RANGES
 from popvec.optim import HParam, Optimizer, as_member_values
 from popvec.population import IndexLike, Population, as_index, as_mask
 
@@ -46,7 +47,8 @@ class PopulationState:
         self.population = population
         self.optimizer = optimizer
         self.loss_hparams: dict[str, Tensor] = {
-            name: as_member_values(name, values, population.n, population.device) for name, values in (loss_hparams or {}).items()
+            name: as_member_values(name, values, population.n, population.device, **LOSS_HPARAM_RANGES.get(name, {}))
+            for name, values in (loss_hparams or {}).items()
         }
         self.active = None if active is None else as_mask(active, population.n, population.device)
         self.source: BatchSource | None = None
@@ -73,7 +75,7 @@ class PopulationState:
     def set_hparam(self, name: str, values: HParam) -> None:
         """Replace hyperparameter ``name`` (a float or one value per member) of the optimizer or the loss."""
         if name in self.loss_hparams:
-            self.loss_hparams[name] = as_member_values(name, values, self.n, self.device)
+            self.loss_hparams[name] = as_member_values(name, values, self.n, self.device, **LOSS_HPARAM_RANGES.get(name, {}))
         elif name in self.optimizer.hparams:
             self.optimizer.set_hparam(name, values)
         else:

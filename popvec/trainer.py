@@ -96,7 +96,7 @@ class PopulationTrainer:
     ) -> None:
         self.state = PopulationState(population, optimizer, loss_hparams)
         self.loss_fn = loss_fn
-        self.eval_batch_size = eval_batch_size
+        self.eval_batch_size = checks.integer("eval_batch_size", eval_batch_size)
         self.console = console or Console()
         self.callbacks: list[Callback] = list(callbacks) if callbacks is not None else [ConsoleReporter(self.console, progress)]
         self._train_step = TrainStep(population, optimizer, loss_fn, compile, cuda_graph, member_chunk_size, randomness)
@@ -524,16 +524,17 @@ class MultipleInitializationsTrainer:
         checks.integer("num_models", num_models)
         checks.integer("num_elim_steps", num_elim_steps)
         check_reduce_factor(reduce_factor)
-        for name, fn in (("model_fn", model_fn), ("optimizer_fn", optimizer_fn)):
-            if not callable(fn):
-                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        checks.model_fn("model_fn", model_fn)
+        if not callable(optimizer_fn):
+            raise checks.CheckTypeError(f"optimizer_fn must be callable, got {type(optimizer_fn).__name__}")
         self.model_fn = model_fn
         self.optimizer_fn = optimizer_fn
         self.num_models = num_models
         self.num_elim_steps = num_elim_steps
         self.reduce_factor = reduce_factor
-        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.seed = seed
+        auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = checks.device("device", device) if device is not None else auto
+        self.seed = checks.seed("seed", seed, num_models)
         self.compile = compile
         self.console = console or Console()
         self.progress = progress

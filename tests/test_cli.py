@@ -374,7 +374,7 @@ def test_from_json_refuses_bad_files_in_one_line(blob: Any, match: str, tmp_path
         (["warmstart", "--lr", "0"], "--lr"),
         (["warmstart", "--optimizer", "adamw"], "--optimizer"),
         # refused by the study once the run folder exists: the folder is removed again
-        (["warmstart", "--chunk-size", "5000", "--device", "cpu", "--no-progress", "--max-steps", "1"], "chunk_size"),
+        (["warmstart", "--chunk-size", "5000", "--device", "cpu", "--no-progress", "--max-steps", "1"], "--chunk-size"),
     ],
 )
 def test_bad_flags_of_every_command_exit_2_naming_the_flag(

@@ -304,7 +304,7 @@ def test_cli_smoke(tmp_path: Path, protocol: str, model: str) -> None:
         (["--sp", "0.5,-1"], "argument --sp: LAM and SIGMA must be finite and >= 0"),
         (["--threshold", "1.5"], r"argument --threshold: must lie in \(0, 1\]"),
         (["--replicates", "0"], "argument --replicates: must be an integer >= 1"),
-        (["--chunk-size", "5000"], r"chunk_size must be an integer in \[1, 1256\]"),
+        (["--chunk-size", "5000"], r"--chunk-size must be an integer in \[1, 1256\]"),
         (["--no-cold", "--no-warm", "--sp", "0.5,0.1", "--sp", "0.5,0.1"], None),
     ],
 )

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from popvec import checks
 
-__all__ = ["integer", "number", "positive_int", "positive_float", "nonnegative_float", "open_unit", "number_pair"]
+__all__ = ["seed", "integer", "number", "positive_int", "positive_float", "nonnegative_float", "open_unit", "number_pair"]
 
 T = TypeVar("T")
 _SUBJECT = "value"
@@ -30,9 +30,9 @@ def _checked(check: Callable[[str, Any], T], value: Any) -> T:
         raise argparse.ArgumentTypeError(str(err).removeprefix(f"{_SUBJECT} ")) from None
 
 
-def integer(minimum: int = 1) -> Callable[[str], int]:
-    """An integer ``>= minimum``."""
-    check = functools.partial(checks.integer, minimum=minimum)
+def integer(minimum: int = 1, maximum: int | None = None) -> Callable[[str], int]:
+    """An integer ``>= minimum`` (and ``<= maximum`` when given)."""
+    check = functools.partial(checks.integer, minimum=minimum, maximum=maximum)
 
     def parse(text: str) -> int:
         try:
@@ -71,7 +71,8 @@ def number_pair(names: str = "LOW,HIGH", ordered: bool = True, minimum: float = 
             for value in (first, second):
                 checks.number(names, value, low=minimum)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{' and '.join(names.split(','))} must be finite and >= {minimum:g}, got {text!r}") from None
+            bound = f" and >= {minimum:g}" if minimum > -math.inf else ""
+            raise argparse.ArgumentTypeError(f"{' and '.join(names.split(','))} must be finite{bound}, got {text!r}") from None
         if ordered and not first <= second:
             raise argparse.ArgumentTypeError(f"{names} needs the first <= the second, got {text}")
         return first, second
@@ -83,3 +84,6 @@ positive_int = integer(1)
 positive_float = number(0.0, low_open=True)
 nonnegative_float = number(0.0)
 open_unit = number(0.0, 1.0, low_open=True, high_open=True)
+#: ``--seed``: commands derive seeds ``seed + i`` (members, copies, data orders); 2**62 leaves room for those
+#: below :data:`popvec.checks.MAX_SEED` (what ``torch.manual_seed`` and int64 seed tensors hold).
+seed = integer(0, 2**62)

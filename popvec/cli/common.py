@@ -23,6 +23,7 @@ from rich.markup import escape
 from torch import nn
 
 from popvec import optim
+from popvec.checks import InvalidArgument
 from popvec.cli.config import DataFlags
 from popvec.cli.flags import (
     ConfigError,
@@ -46,6 +47,7 @@ __all__ = [
     "add_command",
     "check_batch_size",
     "check_finite_data",
+    "check_model_fits",
     "config_for",
     "device_of",
     "interrupted_line",
@@ -88,6 +90,10 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"--device: {one_line(err)}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     return device
 
 
@@ -105,8 +111,25 @@ def load_data(config: DataFlags, device: torch.device) -> tuple[DatasetSplits, C
     except FileNotFoundError as err:
         raise UsageError(one_line(err)) from None
     check_finite_data(data)
+    model_fn = model_factory(config.model, data.input_shape, data.num_classes)
+    check_model_fits(model_fn, data, config.model)
     data = data.to(device)
-    return data, model_factory(config.model, data.input_shape, data.num_classes)
+    return data, model_fn
+
+
+def check_model_fits(model_fn: Callable[[], nn.Module], data: DatasetSplits, name: str) -> None:
+    """One model, in eval mode, on one training sample (CPU, before any run starts): a model whose input
+    size does not fit the dataset is refused naming ``--model``, not met as a shape error mid-training.
+    The global RNG is left as it was, so ``--seed`` draws the same numbers with or without this check."""
+    x = data.train.x[:1]
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model_fn().eval()(x)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(
+            f"--model {name} does not fit {data.name} inputs of shape {tuple(data.input_shape)}: {one_line(err)}; "
+            f"choose another --model or --dataset"
+        ) from None
 
 
 def check_finite_data(data: DatasetSplits) -> None:
@@ -118,6 +141,8 @@ def check_finite_data(data: DatasetSplits) -> None:
 
 
 def check_batch_size(batch_size: int, data: DatasetSplits) -> None:
+    """A batch larger than the training set is refused, not clamped: clamping would silently change the
+    batch size and the steps per epoch the run's config.json records."""
     if batch_size > len(data.train):
         raise UsageError(f"argument --batch-size: must be <= {len(data.train)} (the training set), got {batch_size}")
 
@@ -142,8 +167,12 @@ def with_run_folder(config: Any) -> Any:
 
 
 def refuse_existing_run(config: Any) -> None:
-    """A new run may not go to a folder that already holds one (its ``config.json``)."""
+    """A new run may not go to a folder that already holds one (its ``config.json``), nor to a file."""
+    if not str(config.out).strip():
+        raise UsageError("--out: must name a folder, got an empty string")
     folder = Path(config.out)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out: {folder} is a file, not a folder; choose another path")
     if (folder / CONFIG_NAME).exists():
         hint = f"resume it with --resume {folder} or choose" if config.RESUMABLE else "choose"
         raise UsageError(f"--out: {folder} already holds a run; {hint} another folder")
@@ -182,7 +211,7 @@ def run_folder(config: Any, resume: bool = False) -> Iterator[Path]:
         to_json(config, record)
         try:
             yield folder
-        except UsageError:
+        except (UsageError, InvalidArgument):
             if [p.name for p in folder.iterdir() if p.name != LOCK_NAME] == [CONFIG_NAME]:
                 record.unlink()
                 stack.close()

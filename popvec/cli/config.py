@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from popvec import optim
-from popvec.cli.argtypes import nonnegative_float, positive_float, positive_int
+from popvec.cli.argtypes import nonnegative_float, positive_float, positive_int, seed
 from popvec.cli.flags import flag
 from popvec.data import DATASET_NAMES
 from popvec.models import MODEL_NAMES
@@ -41,8 +41,8 @@ def device_name(text: str) -> str:
     if text != "auto":
         try:
             torch.device(text)
-        except RuntimeError as err:
-            raise argparse.ArgumentTypeError(" ".join(str(err).split())) from None
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"must be auto or a torch device such as cpu, cuda, cuda:1, mps; got {text!r}") from None
     return text
 
 
@@ -64,7 +64,7 @@ class DeviceFlags:
 @config
 class SeedFlags:
     TITLE: ClassVar[str] = "seed"
-    seed: int = flag(0, "member i is initialized with seed + i; data order and sampling are seeded too", parse=int)
+    seed: int = flag(0, "member i is initialized with seed + i; data order and sampling are seeded too", parse=seed)
 
 
 @config

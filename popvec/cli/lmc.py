@@ -8,6 +8,7 @@ folder. :class:`CurveFlags` (split, alphas, BatchNorm statistics) are shared wit
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -53,17 +54,46 @@ def register(commands: Any) -> None:
     common.add_command(commands, LMCConfig, run, "loss and error along the line between two saved networks")
 
 
-def _load_model(path: str, config: LMCConfig, data: DatasetSplits, device: torch.device) -> nn.Module:
+def _load_model(path: str, label: str, config: LMCConfig, data: DatasetSplits, device: torch.device) -> nn.Module:
+    """The network in ``path`` (the ``label`` argument, A.pt or B.pt), refused in one line naming it."""
     model = build_model(config.model, data.input_shape, data.num_classes)
+    if not path.strip() or Path(path).is_dir():
+        raise common.UsageError(f"{label}: must be a state_dict file, got {'a directory ' + path if path.strip() else 'an empty path'}")
     try:
         state = load_checkpoint(path, map_location=device)  # checks the sha256 of a popvec winner.pt
     except (FileNotFoundError, CheckpointError) as err:
-        raise common.UsageError(common.one_line(err)) from None
+        raise common.UsageError(f"{label}: {common.one_line(err)}") from None
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise common.UsageError(f"{label}: {path} is not a --model {config.model} state_dict for {config.dataset}: {mismatch}")
     try:
         model.load_state_dict(state)
     except (OSError, RuntimeError, AttributeError, TypeError) as err:
-        raise common.UsageError(f"{path} is not a --model {config.model} state_dict for {config.dataset}: {common.one_line(err)}") from None
+        raise common.UsageError(
+            f"{label}: {path} is not a --model {config.model} state_dict for {config.dataset}: {common.one_line(err)}"
+        ) from None
     return model.to(device)
+
+
+def state_dict_mismatch(expected: dict[str, Any], state: dict[str, Any], shown: int = 3) -> str:
+    """How ``state`` differs from ``expected`` in keys and shapes, in one short line ('' when it fits)."""
+
+    def listed(items: list[str]) -> str:
+        return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape
+    ]
+    parts = [
+        f"{what}: {listed(items)}"
+        for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if items
+    ]
+    return "; ".join(parts)
 
 
 def _curve_table(result: lmc.InterpolationResult, title: str) -> Table:
@@ -81,7 +111,7 @@ def run(config: LMCConfig, console: Console, resume: bool = False) -> int:
     """Measure the curve between ``config.a`` and ``config.b``; ``resume`` does not apply (nothing trains)."""
     device = common.device_of(config)
     data, _ = common.load_data(config, device)
-    a, b = (_load_model(path, config, data, device) for path in (config.a, config.b))
+    a, b = (_load_model(path, label, config, data, device) for path, label in ((config.a, "A.pt"), (config.b, "B.pt")))
     with common.run_folder(config) as out:
         split = getattr(data, config.split)
         result = lmc.interpolate(a, b, split, config.alphas, bn=config.bn, bn_data=data.train, batch_size=config.batch_size)

@@ -16,14 +16,15 @@ from typing import Any, ClassVar
 
 from rich.console import Console
 
+from popvec import checks
 from popvec.checkpoint import CheckpointError, save_checkpoint
 from popvec.cli import common
 from popvec.cli.argtypes import number_pair, positive_float, positive_int
 from popvec.cli.common import UsageError, one_line
 from popvec.cli.config import config
 from popvec.cli.flags import flag, option
-from popvec.losses import LOSS_HPARAMS
-from popvec.optim import OPTIMIZER_HPARAMS
+from popvec.losses import LOSS_HPARAM_RANGES, LOSS_HPARAMS
+from popvec.optim import OPTIMIZER_HPARAMS, OPTIMIZERS
 from popvec.population import Population, finite_members
 from popvec.report import leaderboard_table, write_json
 from popvec.search.files import load_space
@@ -79,6 +80,12 @@ def search_space(config: Any) -> SearchSpace:
             raise UsageError(f"{option(field)}: needs LOW > 0, got {low}")
         if low < 0:
             raise UsageError(f"{option(field)}: needs LOW >= 0, got {low}")
+        ranges = {**OPTIMIZERS[config.optimizer].hparam_ranges, **LOSS_HPARAM_RANGES}.get(name, {})
+        try:
+            for bound in (low, high):
+                checks.number(name, bound, **ranges)
+        except ValueError as err:
+            raise UsageError(f"{option(field)}: {one_line(err)}") from None
         params[name] = LogUniform(low, high) if log and low > 0 else Uniform(low, high)
         source[name] = option(field)
     if not params:

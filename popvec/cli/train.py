@@ -68,6 +68,12 @@ def run(config: TrainConfig, console: Console, resume: bool = False) -> int:
     device = common.device_of(config)
     data, model_fn = common.load_data(config, device)
     common.check_batch_size(config.batch_size, data)
+    steps = config.epochs * (len(data.train) // config.batch_size)
+    if config.num_models > 1 and config.num_elim_steps >= steps:
+        raise common.UsageError(
+            f"--num-elim-steps: must be < the run's {steps} steps (--epochs {config.epochs} x {len(data.train) // config.batch_size} "
+            f"steps per epoch), or no member is ever eliminated; got {config.num_elim_steps}"
+        )
     with common.run_folder(config, resume) as out:
         if resume and not (out / CHECKPOINT_NAME).is_file():
             console.print(f"{out} holds no {CHECKPOINT_NAME} yet (stopped before the first round): starting over from its config.json")

@@ -40,6 +40,7 @@ from popvec.cli.config import (
     config,
 )
 from popvec.cli.flags import as_dict, flag, override
+from popvec.cli.search import library_error
 from popvec.plots import MissingMatplotlib, new_figure, save_figure
 from popvec.report import write_json
 from popvec.studies.warmstart import (
@@ -83,6 +84,10 @@ class WarmstartConfig(DataFlags, OptimizerFlags, HparamFlags, SeedFlags, DeviceF
     # The study's documented settings: an MLP trained by SGD lr 0.01 (momentum 0.9).
     optimizer: str = override(OptimizerFlags, "optimizer", default="sgd", choices=OPTIMIZER_NAMES)
     lr: float = override(HparamFlags, "lr", default=0.01)
+
+
+#: Keywords of ``run_study()`` whose errors name them; they are shown as flags.
+LIBRARY_NAMES = ("chunk_size", "chunks", "fraction", "replicates")
 
 
 def register(commands: Any) -> None:
@@ -176,7 +181,7 @@ def run(config: WarmstartConfig, console: Console, resume: bool = False) -> int:
                     resume=resume,
                 )
             except ValueError as err:  # settings that do not fit the data (e.g. --chunk-size larger than the set)
-                raise common.UsageError(common.one_line(err)) from None
+                raise library_error(err, LIBRARY_NAMES) from None
         result.config.update(as_dict(config))
         write_json(out / "results.json", result.to_dict())
         write_json(out / "summary.json", result.summary())

@@ -22,7 +22,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) file as a dict, with clear errors."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise FileNotFoundError(f"config file {path} {'is a directory, not a file' if path.is_dir() else 'does not exist'}")
     suffix = path.suffix.lower()
     if suffix == ".toml":
         try:

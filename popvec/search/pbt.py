@@ -190,8 +190,13 @@ def pbt(
         if num_models != 16 and num_models != population:
             raise ValueError(f"num_models and population name the same setting; got {num_models} and {population}")
         num_models = population
-    for name, value in (("num_models", num_models), ("steps", steps), ("batch_size", batch_size)):
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
         checks.integer(name, value)
+    checks.integer("num_models", num_models, 2)  # exploit copies one member onto another
+    if checks.integer("perturbation_interval", perturbation_interval) >= steps:
+        raise checks.InvalidArgument(
+            f"perturbation_interval must be < steps ({steps}), or no member is ever perturbed; got {perturbation_interval}"
+        )
     path = checkpoint_file(run_dir, resume)
     policy = PBT(
         perturbation_interval,

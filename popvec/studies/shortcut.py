@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from popvec import checks
 from popvec.engine import LossFn, accumulate_metrics
 from popvec.loaders import iterate_batches
 from popvec.population import Population
@@ -99,7 +100,7 @@ def evaluate_shortcut(
     first = next(batches, None)
     if first is None:
         return None, batches  # no data: the general path reports it
-    x, y = (t.to(path.device, non_blocking=True) for t in first)
+    x, y = (t.to(path.device, non_blocking=True) for t in checks.xy_batch("data", first))
     forward = _path_forward(path, a, b, alphas, x, batch_size, member_chunk_size)
     if forward is None:
         return None, itertools.chain([(x, y)], batches)
