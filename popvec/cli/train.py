@@ -66,6 +66,17 @@ def run(config: TrainConfig, console: Console, resume: bool = False) -> int:
     device = common.device_of(config)
     data, model_fn = common.load_data(config, device)
     common.check_batch_size(config.batch_size, data)
+    common.preflight(
+        data,
+        model_fn,
+        device,
+        config.num_models,
+        f"--num-models {config.num_models}",
+        config.optimizer,
+        config.batch_size,
+        config.member_chunk_size,
+        "--member-chunk-size",
+    )
     with common.run_folder(config, resume) as out:
         if resume and not (out / CHECKPOINT_NAME).is_file():
             console.print(f"{out} holds no {CHECKPOINT_NAME} yet (stopped before the first round): starting over from its config.json")
