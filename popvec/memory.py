@@ -124,12 +124,11 @@ class MemoryEstimate:
     def max_chunk(self, limit: int, n: int) -> int:
         """The largest ``member_chunk_size`` (<= n) with ``total(n, it) <= limit``; 0 when none does
         (what every member holds whatever the chunking is over the limit on its own)."""
-        room = limit - self.total(n, 0)
-        if room < 0:
+        if self.total(n, 0) > limit:
             return 0
         if self.activations == 0:
             return n
-        return min(n, room // self.activations)
+        return min(n, (limit - self.fixed - n * self.resident_bytes) // self.activations)
 
     def describe(self, n: int = 1, member_chunk_size: int | None = None) -> str:
         """One line: the total for ``n`` members, ``member_chunk_size`` at once, and its parts."""
@@ -346,6 +345,7 @@ def preflight_training(
         return None
     with torch.random.fork_rng(devices=[]):
         member = model_fn()
+    x, y, x_eval = (t.to(device) if t is not None else None for t in (x, y, x_eval))
     estimate = probe_member(member.to(device), x, y, loss_fn, optimizer_slots(optimizer), x_eval=x_eval)
     check_fits(estimate, n, device, member_chunk_size, what, chunk_flag)
     host_build_check(member, n, device, what)

@@ -96,6 +96,7 @@ def run(config: TrainConfig, console: Console, resume: bool = False) -> int:
             console=console,
             progress=not config.no_progress,
             member_chunk_size=config.member_chunk_size,
+            memory_check=False,  # checked above, naming the flags
             callbacks=[HistoryLogger(out)],  # history.json and rounds.csv after every round
         )
         console.print(
