@@ -40,7 +40,7 @@ __all__ = [
 
 #: A population may use at most this fraction of the free memory: the rest is left for the
 #: allocator's fragmentation, the framework's own buffers and the temporaries the estimate leaves
-#: out (on a CPU, peak RSS measured 10-20% above the estimate for LeNet-5 and an MLP, N = 100-400).
+#: out (on a CPU, peak RSS measured 12-19% above the estimate for LeNet-5 and an MLP at N = 400).
 SAFETY_FRACTION = 0.8
 #: Optimizer state slots (tensors like the parameters) assumed for a ``torch.optim`` adapter, whose
 #: state only exists after its first step: 2, as Adam/AdamW/Adamax/NAdam/RAdam keep (SGD, RMSprop and
