@@ -23,7 +23,10 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "ENV_SWITCH",
+    "PATH_WORKSPACE",
     "SAFETY_FRACTION",
+    "TORCH_OPTIMIZER_SLOTS",
     "MemoryEstimate",
     "PopulationTooLarge",
     "available_bytes",
