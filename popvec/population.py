@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from popvec import checks, diagnose
+from popvec import checks, diagnose, memory
 
 __all__ = ["Population", "as_index", "as_mask", "finite_members", "member_seeds"]
 
@@ -182,11 +182,14 @@ class Population:
         n: int,
         seed: int = 0,
         device: torch.device | str | None = None,
+        memory_check: bool = True,
     ) -> Population:
         """Build ``n`` members; member i is exactly ``torch.manual_seed(seed + i); model_fn()``.
 
         The global RNG is left as it was, so building a population does not disturb the caller's
-        random stream.
+        random stream. With ``memory_check`` (see :mod:`popvec.memory`), ``n`` is refused with a
+        :class:`~popvec.memory.PopulationTooLarge` right after the first member is built when the
+        members' parameters and buffers cannot fit (on the CPU while stacking, then on ``device``).
         """
         model_fn = checks.model_fn("model_fn", model_fn)
         n = checks.integer("n", n)
@@ -201,6 +204,8 @@ class Population:
                 if not isinstance(module, nn.Module):
                     raise checks.CheckTypeError(f"model_fn must return a new nn.Module, returned {type(module).__name__}")
                 modules.append(module)
+                if memory_check and len(modules) == 1:
+                    memory.host_build_check(modules[0], n, device if device is not None else "cpu", what=f"n={n}")
         pop = cls.from_modules(modules)
         return pop.to(device) if device is not None else pop
 

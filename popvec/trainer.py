@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
 
-from popvec import checks, optim
+from popvec import checks, memory, optim
 from popvec.callbacks import Callback, ConsoleReporter
 from popvec.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from popvec.engine import LossFn, TrainStep, evaluate
-from popvec.loaders import as_source
+from popvec.loaders import DeviceLoader, as_source
 from popvec.population import IndexLike, Population, as_index, as_mask, finite_members
 from popvec.selection import Decision, MetricsTable, SelectionPolicy, SuccessiveHalving, as_decision, check_reduce_factor
 from popvec.state import PopulationState
@@ -504,6 +504,8 @@ class MultipleInitializationsTrainer:
     ``callbacks`` are added after the console reporter (e.g. a :class:`~popvec.callbacks.HistoryLogger`).
     ``reduce_factor`` is the *fraction kept* each round (that framework's name, in (0, 1)); it is
     not Hyperband's ``reduction_factor``, the integer eta a rung *divides* by.
+    With ``memory_check``, ``train`` first refuses a ``num_models`` that cannot fit on ``device``
+    (:class:`~popvec.memory.PopulationTooLarge`, one member probed; see :mod:`popvec.memory`).
     """
 
     def __init__(
@@ -520,6 +522,7 @@ class MultipleInitializationsTrainer:
         progress: bool = True,
         member_chunk_size: int | None = None,
         callbacks: Sequence[Callback] = (),
+        memory_check: bool = True,
     ) -> None:
         checks.integer("num_models", num_models)
         checks.integer("num_elim_steps", num_elim_steps)
@@ -540,6 +543,7 @@ class MultipleInitializationsTrainer:
         self.progress = progress
         self.member_chunk_size = member_chunk_size
         self.callbacks = list(callbacks)
+        self.memory_check = memory_check
         self.trainer: PopulationTrainer | None = None
 
     @property
@@ -567,6 +571,27 @@ class MultipleInitializationsTrainer:
         )
         return self.trainer
 
+    def check_memory(self, train_loader: Any, val_loader: Any = None, criterion: LossFn | None = None) -> memory.MemoryEstimate | None:
+        """Raise :class:`~popvec.memory.PopulationTooLarge` when ``num_models`` members cannot fit on the device.
+
+        One member is built and probed on a batch of ``train_loader`` and of ``val_loader`` when they
+        are tensors on the device (a :class:`~popvec.loaders.DeviceLoader`, a split or an ``(x, y)``
+        pair); other loaders are not drawn from, and then only parameters and optimizer state count.
+        """
+        if not memory.checks_enabled():
+            return None
+        with torch.random.fork_rng(devices=[]):
+            probe = Population.from_modules([self.model_fn()])
+        slots = memory.optimizer_slots(optim.build(probe, self.optimizer_fn))
+        batch = _inputs(train_loader, getattr(train_loader, "batch_size", None))
+        x, y = batch if batch is not None else (None, None)
+        eval_batch = _inputs(val_loader, 1024)
+        return memory.preflight_training(
+            self.model_fn, self.num_models, self.device, slots, x, y, criterion or F.cross_entropy,
+            self.member_chunk_size, f"num_models={self.num_models}", "member_chunk_size",
+            eval_batch[0] if eval_batch is not None else None,
+        )  # fmt: skip
+
     def train(
         self,
         train_loader: Any,
@@ -588,6 +613,8 @@ class MultipleInitializationsTrainer:
         """
         checks.integer("num_epochs", num_epochs)
         steps = num_epochs * as_source(train_loader, self.device).steps_per_epoch
+        if self.memory_check:
+            self.check_memory(train_loader, val_loader, criterion)
         torch.manual_seed(self.seed)  # every draw of the run (dropout included) follows the seed; resume restores the RNG
         trainer = self.build(criterion)
         checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
@@ -603,3 +630,19 @@ class MultipleInitializationsTrainer:
         self.best_val_loss = float(trainer.evaluate(val_loader)["loss"][0])
         self.console.print(f"Training complete! Best validation loss: {self.best_val_loss:.4f}")
         return trainer.population.member(0)
+
+
+def _inputs(data: Any, batch_size: int | None) -> tuple[Tensor, Tensor] | None:
+    """The first ``batch_size`` samples of ``data`` when it holds tensors (a ``DeviceLoader``, a split,
+    an ``(x, y)`` pair), for a memory probe; None for any other loader (it is not drawn from)."""
+    if isinstance(data, DeviceLoader):
+        data = data.split
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        x, y = data
+    elif isinstance(getattr(data, "x", None), Tensor) and isinstance(getattr(data, "y", None), Tensor):
+        x, y = data.x, data.y
+    else:
+        return None
+    if batch_size is None:
+        return None
+    return x[:batch_size], y[:batch_size]

@@ -413,6 +413,7 @@ LMC_NAMES = [
     "as_alphas",
     "barrier",
     "barrier_matrix",
+    "check_interpolation",
     "instability",
     "interpolate",
     "interpolate_stacks",

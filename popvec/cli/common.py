@@ -21,8 +21,9 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 from torch import nn
+from torch.nn import functional as F
 
-from popvec import optim
+from popvec import memory, optim
 from popvec.checks import InvalidArgument
 from popvec.cli.config import DataFlags
 from popvec.cli.flags import (
@@ -54,6 +55,7 @@ __all__ = [
     "load_data",
     "one_line",
     "optimizer_factory",
+    "preflight",
     "refuse_existing_run",
     "resolve_device",
     "run_folder",
@@ -145,6 +147,30 @@ def check_batch_size(batch_size: int, data: DatasetSplits) -> None:
     batch size and the steps per epoch the run's config.json records."""
     if batch_size > len(data.train):
         raise UsageError(f"argument --batch-size: must be <= {len(data.train)} (the training set), got {batch_size}")
+
+
+def preflight(
+    data: DatasetSplits,
+    model_fn: Callable[[], nn.Module],
+    device: torch.device,
+    n: int,
+    what: str,
+    optimizer: str,
+    batch_size: int,
+    member_chunk_size: int | None = None,
+    chunk_flag: str | None = None,
+    eval_batch_size: int = 1024,
+) -> memory.MemoryEstimate | None:
+    """Refuse a population of ``n`` that cannot fit, in seconds and before anything is built
+    (:class:`~popvec.memory.PopulationTooLarge`, printed as one line, exit 2; ``what`` names the flag).
+
+    One member is probed on a training batch of ``batch_size`` and an evaluation batch of the
+    validation split; ``chunk_flag`` names the command's chunking flag, if it has one, to suggest a
+    chunk size that fits. ``POPVEC_MEMORY_CHECK=0`` skips the check.
+    """
+    x, y = data.train.x[:batch_size], data.train.y[:batch_size]
+    x_eval = data.val.x[:eval_batch_size]
+    return memory.preflight_training(model_fn, n, device, optimizer, x, y, F.cross_entropy, member_chunk_size, what, chunk_flag, x_eval)
 
 
 def optimizer_factory(name: str, lr: float, momentum: float) -> Callable[[Any], optim.PopulationOptimizer]:

@@ -58,9 +58,10 @@ def register(commands: Any) -> None:
 def run(config: HyperbandConfig, console: Console, resume: bool = False) -> int:
     """Run (or resume) the search of ``config``; returns the exit code."""
     try:
-        hyperband_brackets(config.max_t, config.grace_period, config.reduction_factor, config.brackets)
+        sizes = [b.n for b in hyperband_brackets(config.max_t, config.grace_period, config.reduction_factor, config.brackets)]
     except ValueError as err:
         raise library_error(err, LIBRARY_NAMES) from None
+    stack = max(sizes) if config.sequential else sum(sizes)  # the members trained at once
     specific = {
         "max_t": config.max_t,
         "grace_period": config.grace_period,
@@ -74,4 +75,5 @@ def run(config: HyperbandConfig, console: Console, resume: bool = False) -> int:
         config, console, resume, hyperband, specific, LIBRARY_NAMES,
         "Final leaderboard (survivors of the last rung of every bracket)",
         lambda result, out: [(plot_hyperband, (result.history, out / "hyperband_val_loss.png"))],
+        size=(stack, f"--max-t {config.max_t} --reduction-factor {config.reduction_factor} (a stack of {stack} members)"),
     )  # fmt: skip

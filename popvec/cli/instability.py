@@ -71,6 +71,8 @@ def run(config: InstabilityConfig, console: Console, resume: bool = False) -> in
     data, model_fn = common.load_data(config, device)
     common.check_batch_size(config.batch_size, data)
     branches = len(config.k1) * config.copies
+    what = f"--copies {config.copies} x {len(config.k1)} --k1 values ({branches} branches)"
+    common.preflight(data, model_fn, device, branches, what, config.optimizer, config.batch_size)
     with common.run_folder(config, resume) as out:
         console.print(
             f"popvec instability: {config.model} on {data.name}, trunk to k1 = {max(config.k1)}, then {branches} branches "

@@ -112,9 +112,14 @@ def run(config: LMCConfig, console: Console, resume: bool = False) -> int:
     device = common.device_of(config)
     data, _ = common.load_data(config, device)
     a, b = (_load_model(path, label, config, data, device) for path, label in ((config.a, "A.pt"), (config.b, "B.pt")))
+    split = getattr(data, config.split)
+    lmc.check_interpolation(  # before the run folder: a size that cannot fit is one line, exit 2
+        a, b, split, config.alphas, config.bn, data.train, config.batch_size, what=f"--alphas {config.alphas}", chunk_flag=None
+    )
     with common.run_folder(config) as out:
-        split = getattr(data, config.split)
-        result = lmc.interpolate(a, b, split, config.alphas, bn=config.bn, bn_data=data.train, batch_size=config.batch_size)
+        result = lmc.interpolate(
+            a, b, split, config.alphas, bn=config.bn, bn_data=data.train, batch_size=config.batch_size, memory_check=False
+        )
         console.print(
             _curve_table(result, f"{config.a} -> {config.b} ({config.model} on {data.name} {config.split}, {len(split)} samples)")
         )

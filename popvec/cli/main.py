@@ -3,9 +3,9 @@
 Every command module has a config class (its flags), ``register(commands)`` and a runner
 ``run(config, console, resume=False) -> int``. ``main`` parses the flags (or reads
 ``--resume RUN_DIR``'s config.json), runs the command, and turns usage errors, unusable
-checkpoints and arguments the library's validators refuse (:class:`popvec.checks.InvalidArgument`)
-into one line, exit 2, and a run in which no member stayed finite into one line,
-exit 1. The global torch generator is seeded with ``--seed`` first.
+checkpoints, arguments the library's validators refuse (:class:`popvec.checks.InvalidArgument`) and
+populations too large for memory (:mod:`popvec.memory`) into one line, exit 2, and a run in which
+no member stayed finite into one line, exit 1. The global torch generator is seeded with ``--seed`` first.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from popvec.checkpoint import CheckpointError
 from popvec.checks import InvalidArgument
 from popvec.cli import hyperband, instability, lmc, pbt, train, warmstart
 from popvec.cli.common import Command, Parser, UsageError, config_for, interrupted_line, one_line
+from popvec.memory import PopulationTooLarge
 from popvec.trainer import AllDiverged
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(config, "seed", None) is not None:
             torch.manual_seed(config.seed)  # every draw of the run follows --seed (a resumed run restores its saved RNG)
         return command.run(config, console, resume=resume)
-    except (UsageError, CheckpointError, InvalidArgument) as err:  # a corrupted or foreign checkpoint, a refused argument: one line, exit 2
+    except (UsageError, CheckpointError, InvalidArgument, PopulationTooLarge) as err:  # one line, exit 2
         command.parser.error(one_line(err))
     except AllDiverged as err:  # a run with no finite member: no winner is written
         console.print(escape(f"{err} — try a smaller --lr"), soft_wrap=True)

@@ -67,4 +67,5 @@ def run(config: PBTConfig, console: Console, resume: bool = False) -> int:
             (plot_pbt_hparams, (result.history, out / "pbt_hparams.png")),
             (plot_pbt_lineage, (result.history, out / "pbt_lineage.png")),
         ],
+        size=(config.num_models, f"--num-models {config.num_models}"),
     )  # fmt: skip

@@ -123,13 +123,17 @@ def run_search(
     names: tuple[str, ...],
     title: str,
     plots: Callable[[SearchResult, Path], list[tuple[Callable[..., Any], tuple[Any, ...]]]],
+    size: tuple[int, str] | None = None,
 ) -> int:
     """What ``popvec hyperband`` and ``popvec pbt`` share: data, run folder, the call with the shared
-    settings plus the method's ``specific`` keywords, the leaderboard, files and plots."""
+    settings plus the method's ``specific`` keywords, the leaderboard, files and plots. ``size``: the
+    largest stack the search trains at once and the flags that set it, checked against memory first."""
     space = search_space(config)
     device = common.device_of(config)
     data, model_fn = common.load_data(config, device)
     common.check_batch_size(config.batch_size, data)
+    if size is not None:
+        common.preflight(data, model_fn, device, size[0], size[1], config.optimizer, config.batch_size)
     with common.run_folder(config, resume) as out:
         try:
             result = search(

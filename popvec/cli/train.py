@@ -74,6 +74,17 @@ def run(config: TrainConfig, console: Console, resume: bool = False) -> int:
             f"--num-elim-steps: must be < the run's {steps} steps (--epochs {config.epochs} x {len(data.train) // config.batch_size} "
             f"steps per epoch), or no member is ever eliminated; got {config.num_elim_steps}"
         )
+    common.preflight(
+        data,
+        model_fn,
+        device,
+        config.num_models,
+        f"--num-models {config.num_models}",
+        config.optimizer,
+        config.batch_size,
+        config.member_chunk_size,
+        "--member-chunk-size",
+    )
     with common.run_folder(config, resume) as out:
         if resume and not (out / CHECKPOINT_NAME).is_file():
             console.print(f"{out} holds no {CHECKPOINT_NAME} yet (stopped before the first round): starting over from its config.json")
@@ -99,6 +110,7 @@ def run(config: TrainConfig, console: Console, resume: bool = False) -> int:
             console=console,
             progress=not config.no_progress,
             member_chunk_size=config.member_chunk_size,
+            memory_check=False,  # checked above, naming the flags
             callbacks=[HistoryLogger(out)],  # history.json and rounds.csv after every round
         )
         console.print(

@@ -116,6 +116,8 @@ def run(config: WarmstartConfig, console: Console, resume: bool = False) -> int:
     data, model_fn = common.load_data(config, device)
     common.check_batch_size(config.batch_size, data)
     n = len(arms) * config.replicates
+    what = f"--replicates {config.replicates} x {len(arms)} arms ({n} members)"
+    common.preflight(data, model_fn, device, n, what, config.optimizer, config.batch_size)
     with common.run_folder(config, resume) as out:
         console.print(
             f"popvec warmstart: {config.protocol}, {len(arms)} arms x {config.replicates} replicates = {n} x {config.model} "

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from popvec import memory
 from popvec.engine import LossFn
 from popvec.plots import new_figure, save_figure
 from popvec.population import Population, architecture_mismatch, as_index
@@ -29,6 +30,7 @@ from popvec.studies.instability import InstabilityResult, StepCallback, instabil
 from popvec.studies.paths import (
     BN_MODES,
     BNMode,
+    PathEvaluation,
     alpha_grid,
     as_alphas,
     barrier,
@@ -36,6 +38,7 @@ from popvec.studies.paths import (
     interpolate_stacks,
     interpolation_gap,
     l2_distance,
+    members_at_once,
     pair_barriers,
     path_evaluation,
     recompute_batchnorm,
@@ -51,6 +54,7 @@ __all__ = [
     "as_alphas",
     "barrier",
     "barrier_matrix",
+    "check_interpolation",
     "instability",
     "interpolate",
     "interpolate_stacks",
@@ -102,6 +106,46 @@ class InterpolationResult:
         return save_figure(figure, path)
 
 
+def check_interpolation(
+    a: Endpoint,
+    b: Endpoint,
+    data: Any,
+    alphas: int | Sequence[float] | Tensor = 25,
+    bn: BNMode = "auto",
+    bn_data: Any = None,
+    batch_size: int = 1024,
+    member_chunk_size: int | None = None,
+    what: str | None = None,
+    chunk_flag: str | None = "member_chunk_size",
+) -> memory.MemoryEstimate | None:
+    """Raise :class:`~popvec.memory.PopulationTooLarge` when :func:`interpolate` with these arguments
+    would not fit in memory (it calls this first); ``what`` names the size in the message
+    (default ``alphas=K``), ``chunk_flag`` the chunking option to suggest (None: none)."""
+    pa, pb = _as_member(a, "a"), _as_member(b, "b")
+    spec = path_evaluation(pa.skeleton, data, F.cross_entropy, bn, bn_data, batch_size, member_chunk_size)
+    k = alpha_grid(as_alphas(alphas))[0].numel()
+    return _preflight(pa, pb, k, spec, what or f"alphas={k}", chunk_flag)
+
+
+def _preflight(
+    pa: Population, pb: Population, k: int, spec: PathEvaluation, what: str, chunk_flag: str | None
+) -> memory.MemoryEstimate | None:
+    if not memory.checks_enabled():
+        return None
+    x = _first_inputs(spec.data, spec.batch_size)
+    running = members_at_once(pa, pb, k, spec, x)
+    return memory.preflight_paths(pa.member(0), k, pa.device, x, running, what, chunk_flag)
+
+
+def _first_inputs(data: Any, batch_size: int) -> Tensor | None:
+    """The first evaluation batch's inputs of ``data`` when it is tensors (an ``(x, y)`` pair or a
+    split); None for a loader, which is not drawn from twice."""
+    x = getattr(data, "x", None)
+    if x is None and isinstance(data, tuple) and len(data) == 2:
+        x = data[0]
+    return x[:batch_size] if isinstance(x, Tensor) else None
+
+
 def _as_member(endpoint: Endpoint, name: str) -> Population:
     """``endpoint`` as a population of one member (a population's member is sliced, not copied)."""
     if isinstance(endpoint, nn.Module):
@@ -128,6 +172,7 @@ def interpolate(
     bn_data: Any = None,
     batch_size: int = 1024,
     member_chunk_size: int | None = None,
+    memory_check: bool = True,
 ) -> InterpolationResult:
     """Loss and error along ``w(alpha) = (1 - alpha) * w_a + alpha * w_b``, all alphas in one vmapped pass.
 
@@ -138,7 +183,8 @@ def interpolate(
     ``"auto"``, when the model has BatchNorm running statistics) recomputes every alpha's
     statistics over ``bn_data`` (training batches; see :func:`recompute_batchnorm`);
     ``"keep"`` evaluates with interpolated statistics. ``member_chunk_size`` bounds how many of
-    the K networks run at once.
+    the K networks run at once (their activations; all K are built). With ``memory_check``, K
+    networks that cannot fit are refused first (:class:`~popvec.memory.PopulationTooLarge`).
     """
     pa, pb = _as_member(a, "a"), _as_member(b, "b")
     problem = architecture_mismatch(pa.skeleton, pb.skeleton)
@@ -149,6 +195,8 @@ def interpolate(
     requested = as_alphas(alphas)
     spec = path_evaluation(pa.skeleton, data, loss_fn, bn, bn_data, batch_size, member_chunk_size)
     full, keep = alpha_grid(requested)
+    if memory_check:
+        _preflight(pa, pb, full.numel(), spec, f"alphas={full.numel()}", "member_chunk_size")
     loss, error, shortcut = evaluate_paths(pa, pb, full, spec)
     loss, error = loss[0], error[0]
     loss_gap, error_gap = (interpolation_gap(curve, full) for curve in (loss, error))

@@ -24,7 +24,7 @@ from popvec import checks
 from popvec.engine import LossFn, evaluate
 from popvec.loaders import iterate_batches
 from popvec.population import Population, finite_members
-from popvec.studies.shortcut import evaluate_shortcut
+from popvec.studies.shortcut import chunks_itself, evaluate_shortcut
 
 __all__ = [
     "BN_MODES",
@@ -37,6 +37,7 @@ __all__ = [
     "interpolate_stacks",
     "interpolation_gap",
     "l2_distance",
+    "members_at_once",
     "pair_barriers",
     "path_evaluation",
     "recompute_batchnorm",
@@ -231,6 +232,19 @@ def evaluate_paths(
         loss, error = torch.where(bad, nan, loss), torch.where(bad, nan, error)
         _warn_non_finite(a, b, bad, alphas)
     return loss, error, used
+
+
+def members_at_once(a: Population, b: Population, k: int, spec: PathEvaluation, x: Tensor | None) -> int:
+    """How many of the ``P * k`` networks of the paths ``a[p] -> b[p]`` hold evaluation activations at
+    once in :func:`evaluate_paths`: ``member_chunk_size`` when set, one when a single finite path on
+    a CPU goes through the shortcut (it chunks itself, probed on the inputs ``x``), else all of them."""
+    total = a.n * k
+    if spec.member_chunk_size is not None:
+        return min(total, spec.member_chunk_size)
+    if spec.recompute or x is None or a.n != 1:
+        return total
+    finite = all(bool(finite_members({**e.params, **e.buffers}).all()) for e in (a, b))
+    return 1 if finite and chunks_itself(a, x) else total
 
 
 def _warn_non_finite(a: Population, b: Population, bad: Tensor, alphas: Tensor) -> None:

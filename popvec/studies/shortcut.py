@@ -23,7 +23,7 @@ from popvec.engine import LossFn, accumulate_metrics
 from popvec.loaders import iterate_batches
 from popvec.population import Population
 
-__all__ = ["evaluate_shortcut"]
+__all__ = ["chunks_itself", "evaluate_shortcut"]
 
 _AFFINE_FIRST = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -76,6 +76,12 @@ class _Interpolated(nn.Module):
         y_a, y_b = self.ends
         alpha = self.alpha  # a vmapped scalar; (1 - alpha) * a + alpha * b is exact at both ends
         return torch.addcmul(y_a * (1 - alpha), y_b, alpha)
+
+
+def chunks_itself(a: Population, x: Tensor) -> bool:
+    """Whether a path from ``a`` (one member) through the shortcut runs its K networks in cache-sized
+    chunks of members and samples on its own: on a CPU, when the shortcut applies (probed on ``x``)."""
+    return a.device.type == "cpu" and _first_affine(a.skeleton, a.params, a.buffers, x[:2].to(a.device)) is not None
 
 
 @torch.no_grad()
