@@ -3,13 +3,17 @@ successive-halving bracket) vs training every sampled member for the full budget
 
 Same members (initializations and sampled learning rates), same shared batch order, same budget per
 surviving member; the winner is picked by validation loss and scored on the test split.
+Per method it reports, over the seeds, the winner's test accuracy and the difference winner -
+naive winner as mean ± sample std with a 95% Student-t confidence interval (n = seeds), plus how
+many seeds the search winner scored worse than the naive one; the per-seed rows are kept.
 
-    python benchmarks/bench_search.py [--device cpu] [--seeds 0 1 2]
+    python benchmarks/bench_search.py [--device cpu] [--seeds 0 1 2 3 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any
 
@@ -23,6 +27,7 @@ from popvec.models import model_factory
 from popvec.search.hyperband import hyperband, hyperband_brackets
 from popvec.search.run import leaderboard, make_trainer
 from popvec.search.space import LogUniform, SearchSpace
+from popvec.stats import summarize
 
 SPACE = SearchSpace({"lr": LogUniform(1e-5, 1.0)})
 
@@ -40,7 +45,7 @@ def naive(model_fn: Any, n: int, steps: int, data: Any, seed: int, device: torch
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--max-t", type=int, default=27)
     parser.add_argument("--unit-steps", type=int, default=20)
     args = parser.parse_args()
@@ -50,6 +55,7 @@ def main() -> None:
     quiet = Console(quiet=True)
     steps = args.max_t * args.unit_steps
     rows = []
+    load_before = os.getloadavg()
     for seed in args.seeds:
         for label, brackets in (("hyperband", None), ("successive halving (1 bracket)", 1)):
             n = sum(b.n for b in hyperband_brackets(args.max_t, brackets=brackets))
@@ -90,7 +96,39 @@ def main() -> None:
             }
             rows.append(row)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    write_report({"environment": environment(device), "rows": rows, "space": SPACE.to_dict()}, None, f"bench_search-{device.type}.json")
+    summary = summarize_methods(rows)
+    for method, stats in summary.items():
+        print(
+            f"{method}: winner test accuracy {stats['winner_test_acc']['text']}; winner - naive winner "
+            f"{stats['diff_vs_naive']['text']}; worse than naive in {stats['worse_seeds']} of {stats['seeds']} seeds"
+            + (f" (by up to {-100 * stats['worst_diff']:.2f} points)" if stats["worse_seeds"] else ""),
+            flush=True,
+        )
+    env = {**environment(device), "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
+    write_report({"environment": env, "summary": summary, "rows": rows, "space": SPACE.to_dict()}, None, f"bench_search-{device.type}.json")
+
+
+def summarize_methods(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method, over seeds: winner test accuracy and winner - naive winner (mean, std, 95% CI, n)."""
+    out: dict[str, dict[str, Any]] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        diffs = [r["winner_test_acc"] - r["naive_winner_test_acc"] for r in mine]
+        acc, diff, naive_acc = (
+            summarize(r["winner_test_acc"] for r in mine),
+            summarize(diffs),
+            summarize(r["naive_winner_test_acc"] for r in mine),
+        )
+        out[method] = {
+            "seeds": len(mine),
+            "winner_test_acc": {**acc.to_dict(), "text": acc.scaled(100).format(".2f") + " (%)"},
+            "naive_winner_test_acc": {**naive_acc.to_dict(), "text": naive_acc.scaled(100).format(".2f") + " (%)"},
+            "diff_vs_naive": {**diff.to_dict(), "text": diff.scaled(100).format(".2f") + " (points)"},
+            "worse_seeds": sum(d < 0 for d in diffs),
+            "worst_diff": min(diffs),
+            "fraction_of_naive_steps": mine[0]["fraction"],
+        }
+    return out
 
 
 if __name__ == "__main__":

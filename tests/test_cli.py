@@ -501,3 +501,48 @@ def test_default_run_folder_is_command_and_timestamp(tmp_path: Path, monkeypatch
     out = Path(common.with_run_folder(CONFIGS["pbt"]()).out)
     assert out.parent == Path("runs") and re.fullmatch(r"pbt-\d{8}-\d{6}", out.name)
     assert common.with_run_folder(CONFIGS["pbt"](out="mine")).out == "mine"
+
+
+# --------------------------------------------------------------------------- train --seeds
+def test_train_seeds_runs_independent_eliminations_and_summarizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--seeds 2 with 4 models: runs with seeds 3 and 7 in seed-3/ and seed-7/, each exactly the
+    standalone run with that seed; summary.json has mean, std and 95% CI of the winners' test
+    accuracy; an interrupted second run resumes and ends the same."""
+    runs = tmp_path / "runs"
+    assert cli.main(["train", *TWO_ROUNDS, "--seed", "3", "--seeds", "2", "--out", str(runs)]) == 0
+    assert "Winners' test accuracy over 2 seeds" in capsys.readouterr().out
+    summary = json.loads((runs / "summary.json").read_text())
+    assert summary["seeds"] == [3, 7] and [r["seed"] for r in summary["runs"]] == [3, 7]
+    accuracies = [r["test_accuracy"] for r in summary["runs"]]
+    stats = summary["test_accuracy"]
+    assert stats["n"] == stats["n_finite"] == 2 and stats["mean"] == pytest.approx(sum(accuracies) / 2)
+    assert stats["std"] == pytest.approx(abs(accuracies[0] - accuracies[1]) / 2**0.5)
+    assert stats["ci_high"] - stats["mean"] == pytest.approx(12.7062 * stats["std"] / 2**0.5, rel=1e-4)
+    alone = tmp_path / "alone"
+    assert cli.main(["train", *TWO_ROUNDS, "--seed", "7", "--out", str(alone)]) == 0
+    a, b = load_winner(alone / "winner.pt").state_dict(), load_winner(runs / "seed-7" / "winner.pt").state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.loads((alone / "summary.json").read_text())["test_accuracy"] == accuracies[1]
+
+    interrupted = tmp_path / "interrupted"
+    original = PopulationTrainer.save_checkpoint
+
+    def stop_in_the_second_run(self: PopulationTrainer, path: Any) -> None:
+        original(self, path)
+        if "seed-7" in str(path) and len(self.history["rounds"]) == 1:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(PopulationTrainer, "save_checkpoint", stop_in_the_second_run)
+        assert cli.main(["train", *TWO_ROUNDS, "--seed", "3", "--seeds", "2", "--out", str(interrupted)]) == 130
+    assert (interrupted / "seed-3" / "summary.json").is_file() and not (interrupted / "seed-7" / "winner.pt").exists()
+    assert cli.main(["train", "--resume", str(interrupted), "--no-progress"]) == 0
+    assert "seed 3: finished earlier" in capsys.readouterr().out
+    resumed = json.loads((interrupted / "summary.json").read_text())
+    assert resumed["test_accuracy"] == summary["test_accuracy"]
+    a, b = load_winner(runs / "seed-7" / "winner.pt").state_dict(), load_winner(interrupted / "seed-7" / "winner.pt").state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -559,3 +559,84 @@ def test_instability_resume_without_checkpoints_starts_over(tmp_path: Path) -> N
     b = lmc.instability(tiny_mlp_dropout, sgd, TRAIN, [0, 2], 3, run_dir=tmp_path / "b", resume=True, **kwargs)
     for name, stack in a.branches.params.items():
         assert torch.equal(b.branches.params[name], stack), name
+
+
+# --------------------------------------------------------------------------- instability: replicate trunks
+def test_instability_trunk_k_of_a_k_seed_run_equals_a_one_seed_run() -> None:
+    """--seeds K: trunk t (and its copies) is the standalone run with seed + t, up to float rounding."""
+    kwargs = dict(batch_size=16, eval_data=DATA, alphas=3)
+    many = lmc.instability(tiny_mlp, sgd, TRAIN, [0, 3], 4, seed=5, num_seeds=3, **kwargs)
+    assert many.seeds == [5, 6, 7] and many.branches.n == 2 * 3 * 2
+    for c in ("loss_barrier", "error_barrier", "l2", "error"):
+        assert many.per_seed[c].shape == (3, 2)
+        torch.testing.assert_close(getattr(many, c), many.per_seed[c].mean(0))
+    for t in range(3):
+        one = lmc.instability(tiny_mlp, sgd, TRAIN, [0, 3], 4, seed=5 + t, **kwargs)
+        assert one.seeds == [5 + t]
+        for c in ("loss_barrier", "error_barrier", "l2", "error"):
+            torch.testing.assert_close(many.per_seed[c][t], getattr(one, c), atol=1e-5, rtol=1e-5)
+        for name, stack in one.branches.params.items():  # copy c of trunk t at k1[g] is member (g * K + t) * copies + c
+            mine = torch.stack([many.branches.params[name][(g * 3 + t) * 2 + c] for g in range(2) for c in range(2)])
+            torch.testing.assert_close(mine, stack, atol=1e-5, rtol=1e-5)
+    summary = many.summaries()
+    assert summary[0]["loss_barrier"].n == 3
+    assert summary[1]["l2"].mean == pytest.approx(float(many.l2[1]), rel=1e-6)
+    assert summary[1]["l2"].ci_low <= summary[1]["l2"].mean <= summary[1]["l2"].ci_high
+    d = many.to_dict()
+    assert [(r["seed"], r["k1"]) for r in d["per_seed"]] == [(5, 0), (5, 3), (6, 0), (6, 3), (7, 0), (7, 3)]
+    assert d["summary"][0]["k1"] == 0 and set(d["summary"][0]["error_barrier"]) >= {"mean", "std", "ci_low", "ci_high", "n", "n_finite"}
+
+
+def test_instability_one_seed_has_no_spread_and_explicit_seeds_work() -> None:
+    kwargs = dict(batch_size=16, eval_data=DATA, alphas=3)
+    one = lmc.instability(tiny_mlp, sgd, TRAIN, [2], 3, seed=4, **kwargs)
+    s = one.summaries()[0]["loss_barrier"]
+    assert s.n == 1 and s.mean == pytest.approx(float(one.loss_barrier[0])) and s.std != s.std  # NaN, not 0
+    listed = lmc.instability(tiny_mlp, sgd, TRAIN, [2], 3, seeds=[9, 4], **kwargs)
+    assert listed.seeds == [9, 4]
+    torch.testing.assert_close(listed.per_seed["l2"][1], one.l2, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="disagree"):
+        lmc.instability(tiny_mlp, sgd, TRAIN, [2], 3, seeds=[1, 2], num_seeds=3, **kwargs)
+    with pytest.raises(ValueError, match="num_seeds"):
+        lmc.instability(tiny_mlp, sgd, TRAIN, [2], 3, num_seeds=0, **kwargs)
+
+
+@pytest.mark.parametrize("kill_after", [2, 4])
+def test_instability_with_seeds_killed_and_resumed_equals_uninterrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kill_after: int
+) -> None:
+    kwargs = dict(batch_size=16, seed=3, num_seeds=2, eval_data=DATA, alphas=3, checkpoint_every=2)
+    full = lmc.instability(tiny_mlp_dropout, sgd, TRAIN, [0, 3], 5, run_dir=tmp_path / "full", **kwargs)
+    original = popvec.PopulationTrainer.save_checkpoint
+    writes = []
+
+    def save_then_die(self: popvec.PopulationTrainer, path: Path) -> None:
+        original(self, path)
+        writes.append(path)
+        if len(writes) == kill_after:
+            raise _Killed
+
+    run = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        m.setattr(popvec.PopulationTrainer, "save_checkpoint", save_then_die)
+        with pytest.raises(_Killed):
+            lmc.instability(tiny_mlp_dropout, sgd, TRAIN, [0, 3], 5, run_dir=run, **kwargs)
+    resumed = lmc.instability(tiny_mlp_dropout, sgd, TRAIN, [0, 3], 5, run_dir=run, resume=True, **kwargs)
+    for name, stack in full.branches.params.items():
+        assert torch.equal(resumed.branches.params[name], stack), name
+    for c, values in full.per_seed.items():
+        assert torch.equal(resumed.per_seed[c], values), c
+
+
+def test_cli_instability_seeds_prints_the_interval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "inst"
+    args = ["instability", "--model", "mlp", "--k1", "0,5", "--k2", "5", "--alphas", "3", "--seeds", "2"]
+    assert cli.main([*args, "--out", str(out), "--device", "cpu", "--no-progress", "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "95% Student-t CI" in printed and "2 trunks (seeds 0..1)" in printed
+    result = json.loads((out / "instability.json").read_text())
+    assert result["seeds"] == [0, 1] and len(result["per_seed"]) == 4
+    assert result["summary"][1]["loss_barrier"]["n"] == 2
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*args[:-1], "0", "--out", str(tmp_path / "bad")])
+    assert exit_info.value.code == 2

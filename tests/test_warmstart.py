@@ -643,3 +643,36 @@ def test_resume_refuses_another_study(tmp_path: Path) -> None:
     (tmp_path / "checkpoint.pt.sha256").unlink()  # a foreign file without one is read, and refused for its keys
     with pytest.raises(ValueError, match="is not a warm-start study's checkpoint"):
         run_case("mlp-online", run_dir=tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("replicates", [1, 3])
+def test_summary_reports_std_and_confidence_interval_over_replicates(replicates: int) -> None:
+    """Per arm: mean, sample std and 95% Student-t CI of the final test accuracy over the replicates;
+    with one replicate the spread is unknown (NaN, written as null), never 0."""
+    from popvec.stats import summarize
+
+    train, test = toy_data()
+    arms = [Arm("cold", "cold"), Arm("warm", "warm")]
+    kwargs: dict[str, Any] = dict(protocol="two-phase", arms=arms, optimizer="adam", lr=0.02, batch_size=16, threshold=0.9)
+    result = run_study(tiny_mlp, train, test, replicates=replicates, max_steps=6, check_every=2, fraction=0.5, seed=1, **kwargs)
+    last = result.phases[-1]
+    for a, row in enumerate(result.summary()):
+        values = [last.test_accuracy[i] for i in result.arm_members(a)]
+        expected = summarize(values)
+        assert row["final_test_accuracy"] == pytest.approx(expected.mean)
+        assert row["stats"]["final_test_accuracy"]["n"] == replicates == row["final_test_accuracy_n_finite"]
+        if replicates == 1:
+            assert math.isnan(row["final_test_accuracy_std"]) and math.isnan(row["final_test_accuracy_ci_low"])
+        else:
+            assert row["final_test_accuracy_std"] == pytest.approx(expected.std)
+            assert row["final_test_accuracy_ci_low"] <= row["final_test_accuracy"] <= row["final_test_accuracy_ci_high"]
+            assert row["final_test_accuracy_ci_high"] - row["final_test_accuracy"] == pytest.approx(
+                4.302653 * expected.std / math.sqrt(3), rel=1e-5
+            )
+    from rich.console import Console
+
+    from popvec.cli.warmstart import summary_table
+
+    console = Console(record=True, width=200)
+    console.print(summary_table(result, "mlp", "toy"))
+    assert "95% CI" in console.export_text()

@@ -201,14 +201,21 @@ def run(config: WarmstartConfig, console: Console, resume: bool = False) -> int:
 
 def summary_table(result: WarmStartResult, model: str, dataset: str) -> Table:
     last = result.phases[-1]
-    table = Table(title=f"{model} on {dataset}, {result.protocol}: after the last phase ({last.samples} samples)", title_justify="left")
-    for name in ("arm", "n", "test acc", "mean over phases", "train acc", "steps", "time s", "reached"):
+    table = Table(
+        title=f"{model} on {dataset}, {result.protocol}: after the last phase ({last.samples} samples)",
+        title_justify="left",
+        caption="test acc: mean ± sample std over the n replicates; 95% CI: Student t over the replicates (nan with n = 1)",
+        caption_justify="left",
+    )
+    for name in ("arm", "n", "test acc", "95% CI", "mean over phases", "train acc", "steps", "time s", "reached"):
         table.add_column(name, justify="left" if name == "arm" else "right")
     for row in result.summary():
+        finite = row["final_test_accuracy_n_finite"]
         table.add_row(
             row["arm"],
-            str(row["members"]),
+            str(row["members"]) if finite == row["members"] else f"{row['members']} ({row['members'] - finite} nan)",
             f"{100 * row['final_test_accuracy']:.2f} ± {100 * row['final_test_accuracy_std']:.2f}%",
+            f"{100 * row['final_test_accuracy_ci_low']:.2f}-{100 * row['final_test_accuracy_ci_high']:.2f}%",
             f"{100 * row['mean_test_accuracy']:.2f}%",
             f"{100 * row['final_train_accuracy']:.2f}%",
             f"{row['total_steps']:.0f}",

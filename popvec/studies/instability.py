@@ -1,10 +1,11 @@
 """Instability analysis (Frankle et al. 2020): do copies spawned from one trunk end in one linear basin?
 
-One trunk trains to every spawn step k1 (weights and optimizer state kept); copies of every
-snapshot, all in one stack, then train k2 more steps on their own batch orders and dropout
-masks, and the barriers between the copies of each k1 are measured with
-:func:`popvec.studies.paths.pair_barriers`. Both phases train with the one loop
-(:meth:`PopulationTrainer.fit`) and resume from their checkpoints.
+One trunk (or K replicate trunks side by side in one stack, one per seed) trains to every spawn
+step k1 (weights and optimizer state kept); copies of every snapshot, all in one stack, then train
+k2 more steps on their own batch orders and dropout masks, and the barriers between the copies of
+each trunk and k1 are measured with :func:`popvec.studies.paths.pair_barriers`. With several
+trunks every number is also summarized over trunks (mean, std, 95% CI: :mod:`popvec.stats`). Both
+phases train with the one loop (:meth:`PopulationTrainer.fit`) and resume from their checkpoints.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from popvec.loaders import DeviceLoader
 from popvec.plots import new_figure, save_figure
 from popvec.population import Population
 from popvec.selection import MetricsTable
+from popvec.stats import Summary, summarize
 from popvec.studies.paths import BNMode, PathEvaluation, as_alphas, pair_barriers, path_evaluation
 from popvec.trainer import PopulationTrainer
 
@@ -36,13 +38,19 @@ __all__ = ["InstabilityResult", "StepCallback", "instability"]
 StepCallback = Callable[[str, int, int, Tensor], None]
 
 
+COLUMNS = ("loss_barrier", "error_barrier", "l2", "error")
+
+
 @dataclass(frozen=True)
 class InstabilityResult:
     """Per k1 (``[G]`` CPU tensors): barriers and L2 distance between copies spawned at step k1 and
-    trained k2 more steps (means over the pairs of copies), and ``error``, the copies' mean error.
+    trained k2 more steps (means over the pairs of copies of one trunk, then over the trunks; NaN
+    when any trunk's is), and ``error``, the copies' mean error.
 
-    ``branches`` is the trained population of ``G * copies`` members (copy c of ``k1[g]`` is member
-    ``g * copies + c``), for further analysis; it is not part of :meth:`to_dict`.
+    ``seeds`` are the trunks' seeds (K of them) and ``per_seed[column]`` the ``[K, G]`` values of
+    each trunk; :meth:`summaries` gives mean, std and 95% CI over trunks per k1. ``branches`` is the
+    trained population of ``G * K * copies`` members (copy c of trunk t at ``k1[g]`` is member
+    ``(g * K + t) * copies + c``), for further analysis; it is not part of :meth:`to_dict`.
     """
 
     k1: list[int]
@@ -53,14 +61,36 @@ class InstabilityResult:
     l2: Tensor
     error: Tensor
     branches: Population = field(repr=False, compare=False)
+    seeds: list[int] = field(default_factory=list)
+    per_seed: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def rows(self) -> list[dict[str, float | int]]:
-        """One flat dict per k1: k1, loss_barrier, error_barrier, l2, error."""
-        columns = ("loss_barrier", "error_barrier", "l2", "error")
-        return [{"k1": k, **{c: float(getattr(self, c)[g]) for c in columns}} for g, k in enumerate(self.k1)]
+        """One flat dict per k1: k1, loss_barrier, error_barrier, l2, error (means over trunks)."""
+        return [{"k1": k, **{c: float(getattr(self, c)[g]) for c in COLUMNS}} for g, k in enumerate(self.k1)]
+
+    def seed_rows(self) -> list[dict[str, float | int]]:
+        """One flat dict per trunk and k1: seed, k1, loss_barrier, error_barrier, l2, error."""
+        return [
+            {"seed": seed, "k1": k, **{c: float(self.per_seed[c][t, g]) for c in COLUMNS}}
+            for t, seed in enumerate(self.seeds)
+            for g, k in enumerate(self.k1)
+        ]
+
+    def summaries(self) -> list[dict[str, Summary]]:
+        """Per k1, every column summarized over the trunks (n = K; std and CI NaN with one trunk)."""
+        return [{c: summarize(self.per_seed[c][:, g].tolist()) for c in COLUMNS} for g in range(len(self.k1))]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"k1": self.k1, "k2": self.k2, "copies": self.copies, "rows": self.rows()}
+        summary = [{"k1": k, **{c: s.to_dict() for c, s in row.items()}} for k, row in zip(self.k1, self.summaries())]
+        return {
+            "k1": self.k1,
+            "k2": self.k2,
+            "copies": self.copies,
+            "rows": self.rows(),
+            "seeds": self.seeds,
+            "per_seed": self.seed_rows(),
+            "summary": summary,
+        }
 
     def plot(self, path: str | Path) -> Path:
         """Write a PNG of the loss and error barriers vs k1 (needs matplotlib: ``pip install popvec[plot]``)."""
@@ -69,6 +99,12 @@ class InstabilityResult:
             figure.subplots(1, 2), (self.loss_barrier, 100 * self.error_barrier), ("loss barrier", "error barrier (%)")
         ):
             ax.plot(self.k1, values.tolist(), marker="o")
+            if len(self.seeds) > 1:  # the 95% CI over trunks
+                scale = 1.0 if label.startswith("loss") else 100.0
+                column = "loss_barrier" if label.startswith("loss") else "error_barrier"
+                cis = [row[column].scaled(scale) for row in self.summaries()]
+                ax.fill_between(self.k1, [c.ci_low for c in cis], [c.ci_high for c in cis], alpha=0.2, label="95% CI over trunks")
+                ax.legend()
             ax.set_xscale("symlog", linthresh=max(1, min([k for k in self.k1 if k > 0], default=1)))
             ax.axhline(0.0, color="gray", linewidth=0.8)
             ax.set(xlabel="k1 (spawn step)", ylabel=label, title=f"{label.split(' (')[0]} after k2 = {self.k2} steps")
@@ -166,6 +202,8 @@ def instability(
     k2: int,
     copies: int = 2,
     seed: int = 0,
+    num_seeds: int = 1,
+    seeds: Sequence[int] | None = None,
     batch_size: int = 64,
     device: torch.device | str | None = None,
     run_dir: str | Path | None = None,
@@ -191,6 +229,16 @@ def instability(
     (BatchNorm statistics are recomputed over ``data``). ``on_step(phase, done, total, losses)``
     is called after each step of phase ``"trunk"`` and ``"branches"``.
 
+    Replicates: ``num_seeds=K`` (or an explicit list ``seeds``) trains K trunks side by side in one
+    stack, trunk t exactly as the single trunk of a run with ``seed=seeds[t]`` (default
+    ``seed + t``): its initialization, its batch order, and its copies' orders (``seeds[t] + 1 + c``,
+    or ``copy_seeds`` for every trunk). Barriers pair copies of the same trunk only; the result's
+    means are over trunks, ``per_seed`` keeps every trunk's values and :meth:`InstabilityResult.summaries`
+    gives mean, std and 95% CI over trunks. Trunk t equals the standalone run up to float rounding
+    (a stack of K members batches its matmuls differently), and exactly so with K = 1. Dropout
+    masks in the trunk phase are drawn per member of the stack, so with dropout trunk t's masks are
+    not the standalone run's (same distribution).
+
     Both phases train with :meth:`PopulationTrainer.fit`. With ``run_dir`` the trunk is
     checkpointed at every k1 (``trunk.pt``) and the branches every ``checkpoint_every`` steps
     (``branches.pt``); ``resume=True`` continues from those files (or starts over when there are
@@ -200,9 +248,18 @@ def instability(
     checks.integer("k2", k2, 0)
     checks.integer("copies", copies, 2)
     checks.integer("checkpoint_every", checkpoint_every, 1)
-    seeds = [seed + 1 + c for c in range(copies)] if copy_seeds is None else list(copy_seeds)
-    if len(seeds) != copies:
-        raise ValueError(f"copy_seeds must have one seed per copy ({copies}), got {len(seeds)}")
+    checks.integer("num_seeds", num_seeds, 1)
+    trunk_seeds = [seed + t for t in range(num_seeds)] if seeds is None else checks.integers("seeds", seeds).tolist()
+    if not trunk_seeds or len(set(trunk_seeds)) != len(trunk_seeds):
+        raise ValueError(f"seeds must be a non-empty list of distinct integers, got {seeds!r}")
+    if seeds is not None and num_seeds not in (1, len(trunk_seeds)):
+        raise ValueError(f"num_seeds ({num_seeds}) and seeds ({len(trunk_seeds)} of them) disagree; give one of them")
+    if copy_seeds is not None and len(copy_seeds) != copies:
+        raise ValueError(f"copy_seeds must have one seed per copy ({copies}), got {len(copy_seeds)}")
+    branch_seeds = [
+        [s + 1 + c for c in range(copies)] if copy_seeds is None else [int(v) for v in copy_seeds] for s in trunk_seeds
+    ]  # [K][copies]
+    seed = trunk_seeds[0]
     if resume and run_dir is None:
         raise ValueError("resume=True needs run_dir (the folder of the run to continue)")
     train = data if isinstance(data, TensorSplit) else TensorSplit(*data)
@@ -213,7 +270,7 @@ def instability(
         folder.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        population = Population.from_factory(model_fn, 1, seed, device)
+        population = _trunks(model_fn, trunk_seeds, device)
         optimizer = optimizer_fn(population)
         if not isinstance(optimizer, optim.PopulationOptimizer) or optimizer.population is not population:
             raise TypeError("optimizer_fn must return a popvec optimizer (e.g. popvec.optim.SGD) built on the population it is given")
@@ -223,7 +280,7 @@ def instability(
         if resume and branches_path is not None and branches_path.is_file():
             trainer.load_checkpoint(branches_path)  # the branches' whole state (N = len(k1) * copies)
         else:
-            snapshots = _train_trunk(trainer, train, batch_size, seed, k1, folder, resume, on_step)
+            snapshots = _train_trunk(trainer, train, batch_size, trunk_seeds, k1, folder, resume, on_step)
             trainer = PopulationTrainer(population, optimizer, loss_fn, callbacks=[])
             trainer.state.load_state_dict(
                 {
@@ -231,26 +288,42 @@ def instability(
                     "optimizer": _stack_states([s["optimizer"] for s in snapshots]),
                 }
             )
-            trainer.select(torch.arange(len(k1)).repeat_interleave(copies))
-        loader = DeviceLoader(train, batch_size, num_members=population.n, seed=seeds[0])
-        loader.reseed(list(range(population.n)), seeds * len(k1))
+            trainer.select(torch.arange(len(k1) * len(trunk_seeds)).repeat_interleave(copies))
+        loader = DeviceLoader(train, batch_size, num_members=population.n, seed=branch_seeds[0][0])
+        loader.reseed(list(range(population.n)), [s for _ in k1 for trunk in branch_seeds for s in trunk])
         if on_step is not None:
             trainer.callbacks.append(PhaseSteps(on_step, "branches", 0, k2))
         trainer.fit(loader, None, k2, checkpoint_path=branches_path, checkpoint_every=checkpoint_every)
-    return _instability_result(population, k1, k2, copies, as_alphas(alphas), spec, pair_chunk_size)
+    return _instability_result(population, k1, k2, copies, trunk_seeds, as_alphas(alphas), spec, pair_chunk_size)
+
+
+def _trunks(model_fn: Callable[[], nn.Module], seeds: list[int], device: torch.device) -> Population:
+    """The K trunks: member t is exactly ``torch.manual_seed(seeds[t]); model_fn()``."""
+    if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return Population.from_factory(model_fn, len(seeds), seeds[0], device)
+    modules = []
+    with torch.random.fork_rng(devices=[]):
+        for s in seeds:
+            torch.manual_seed(s)
+            modules.append(model_fn())
+    return Population.from_modules(modules).to(device)
 
 
 def _train_trunk(
     trainer: PopulationTrainer,
     train: TensorSplit,
     batch_size: int,
-    seed: int,
+    seeds: list[int],
     k1: list[int],
     run_dir: Path | None,
     resume: bool,
     on_step: StepCallback | None,
 ) -> list[dict[str, Any]]:
-    """Train the trunk to ``max(k1)`` with the one loop; its population and optimizer state at every k1."""
+    """Train the trunks to ``max(k1)`` with the one loop; their population and optimizer state at every k1.
+
+    One trunk draws its batches from a shared loader with its seed; K trunks from a per-member
+    loader, trunk t with ``seeds[t]`` (the same order as a shared loader with that seed).
+    """
     snapshots = TrunkSnapshots(run_dir)
     trainer.callbacks = [snapshots, *([PhaseSteps(on_step, "trunk", 0, k1[-1])] if on_step is not None else [])]
     checkpoint = run_dir / TRUNK_CHECKPOINT if run_dir is not None else None
@@ -259,20 +332,36 @@ def _train_trunk(
     if k1[-1] == 0:  # nothing to train: the only spawn point is the initialization
         snapshots.take(trainer)
         return snapshots.snapshots
-    trainer.fit(DeviceLoader(train, batch_size, seed=seed), None, k1[-1], SnapshotSteps(k1), checkpoint_path=checkpoint)
+    if len(seeds) == 1:
+        loader = DeviceLoader(train, batch_size, seed=seeds[0])
+    else:
+        loader = DeviceLoader(train, batch_size, num_members=len(seeds), seed=seeds[0])
+        loader.reseed(list(range(len(seeds))), seeds)
+    trainer.fit(loader, None, k1[-1], SnapshotSteps(k1), checkpoint_path=checkpoint)
     return snapshots.snapshots
 
 
 def _instability_result(
-    population: Population, k1: list[int], k2: int, copies: int, alphas: Tensor, spec: PathEvaluation, pair_chunk_size: int
+    population: Population,
+    k1: list[int],
+    k2: int,
+    copies: int,
+    seeds: list[int],
+    alphas: Tensor,
+    spec: PathEvaluation,
+    pair_chunk_size: int,
 ) -> InstabilityResult:
-    """Barriers between the copies of each k1 group (members ``g * copies + c``), averaged per group."""
-    groups = len(k1)
+    """Barriers between the copies of each (k1, trunk) group (members ``(g * K + t) * copies + c``),
+    averaged per group; then per k1 over trunks (``[G]``), each trunk's kept in ``per_seed`` (``[K, G]``)."""
+    trunks = len(seeds)
+    groups = len(k1) * trunks
     c_first, c_second = torch.triu_indices(copies, copies, offset=1)
     base = (torch.arange(groups) * copies).repeat_interleave(c_first.numel())
     first, second = base + c_first.repeat(groups), base + c_second.repeat(groups)
     loss_barrier, error_barrier, l2 = (
         v.view(groups, -1).mean(1) for v in pair_barriers(population, first, second, alphas, spec, pair_chunk_size)
     )
-    error = 1.0 - evaluate(population, spec.data, spec.loss_fn, spec.batch_size)["accuracy"].cpu()
-    return InstabilityResult(k1, k2, copies, loss_barrier, error_barrier, l2, error.view(groups, copies).mean(1), population)
+    error = (1.0 - evaluate(population, spec.data, spec.loss_fn, spec.batch_size)["accuracy"].cpu()).view(groups, copies).mean(1)
+    per_seed = {c: v.view(len(k1), trunks).T.contiguous() for c, v in zip(COLUMNS, (loss_barrier, error_barrier, l2, error))}
+    loss_mean, error_barrier_mean, l2_mean, error_mean = (per_seed[c].mean(0) for c in COLUMNS)
+    return InstabilityResult(k1, k2, copies, loss_mean, error_barrier_mean, l2_mean, error_mean, population, seeds, per_seed)

@@ -48,8 +48,9 @@ def mean(values: Sequence[float]) -> float:
 
 
 def std(values: Sequence[float]) -> float:
+    """Sample standard deviation (n - 1); NaN with fewer than two values (the spread is unknown, not 0)."""
     if len(values) < 2:
-        return 0.0
+        return math.nan
     m = mean(values)
     return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 

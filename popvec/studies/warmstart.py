@@ -53,7 +53,8 @@ from popvec.checkpoint import load_checkpoint
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
 from popvec.population import Population
-from popvec.studies.phases import PhaseRecord, PhaseRecorder, ThresholdStop, mean, reached_threshold, std
+from popvec.stats import summarize
+from popvec.studies.phases import PhaseRecord, PhaseRecorder, ThresholdStop, mean, reached_threshold
 from popvec.trainer import CHECKPOINT_NAME, PopulationTrainer
 
 __all__ = [
@@ -157,24 +158,41 @@ class WarmStartResult:
         return out
 
     def summary(self) -> list[dict[str, Any]]:
-        """One row per arm: final-phase test/train accuracy (mean, std over replicates), steps and time."""
+        """One row per arm: final-phase test/train accuracy, steps and time (means over replicates).
+
+        The final test accuracy comes with its sample std (NaN with one replicate, never 0) and
+        95% Student-t confidence interval over the replicates; ``stats`` holds the full
+        :class:`popvec.stats.Summary` (n, n_finite, mean, std, CI, min, max) of the final test
+        accuracy, the mean test accuracy over phases and the total steps, per replicate.
+        """
         rows = []
         last = self.phases[-1]
         for a, arm in enumerate(self.arms):
             members = self.arm_members(a)
             test = [last.test_accuracy[i] for i in members]
+            final = summarize(test)
+            per_replicate_mean = [mean([p.test_accuracy[i] for p in self.phases]) for i in members]
+            steps = [float(sum(p.steps[i] for p in self.phases)) for i in members]
             rows.append(
                 {
                     "arm": arm.name,
                     "members": len(members),
                     "final_test_accuracy": mean(test),
-                    "final_test_accuracy_std": std(test),
+                    "final_test_accuracy_std": final.std,
+                    "final_test_accuracy_ci_low": final.ci_low,
+                    "final_test_accuracy_ci_high": final.ci_high,
+                    "final_test_accuracy_n_finite": final.n_finite,
                     "mean_test_accuracy": mean([mean([p.test_accuracy[i] for i in members]) for p in self.phases]),
                     "final_train_accuracy": mean([last.train_accuracy[i] for i in members]),
                     "final_phase_steps": mean([float(last.steps[i]) for i in members]),
                     "total_steps": mean([float(sum(p.steps[i] for p in self.phases)) for i in members]),
                     "time_s": mean([sum(p.time_s[i] for p in self.phases) for i in members]),
                     "reached_all": all(p.reached[i] for p in self.phases for i in members),
+                    "stats": {
+                        "final_test_accuracy": final.to_dict(),
+                        "mean_test_accuracy": summarize(per_replicate_mean).to_dict(),
+                        "total_steps": summarize(steps).to_dict(),
+                    },
                 }
             )
         return rows
