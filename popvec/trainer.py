@@ -594,6 +594,11 @@ class MultipleInitializationsTrainer:
             if checkpoint_path is None:
                 raise ValueError("resume=True needs checkpoint_dir")
             trainer.load_checkpoint(checkpoint_path)
+            if trainer.initial_n != self.num_models:  # N shrinks by design, so only the start tells another run's checkpoint apart
+                raise CheckpointError(
+                    f"checkpoint {checkpoint_path} is not a checkpoint of this popvec run "
+                    f"(it started with {trainer.initial_n} members, this run with {self.num_models})"
+                )
         # If the budget ends before the elimination does, a last round there keeps the best.
         policy = SuccessiveHalving(self.num_elim_steps, self.reduce_factor, final_step=steps)
         trainer.fit(train_loader, val_loader, steps, policy, checkpoint_path, on_round)

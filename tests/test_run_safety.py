@@ -204,6 +204,23 @@ def test_resume_from_a_foreign_checkpoint_is_one_line_exit_2(run_dir: Path, caps
     assert f"checkpoint {path} is unreadable" in line
 
 
+def test_resume_from_the_checkpoint_of_a_run_of_another_size_is_refused(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other"  # a genuine checkpoint, valid sha256, of a run that started with 3 members, not 4
+    assert cli.main(["train", *TWO_ROUNDS[:1], "3", *TWO_ROUNDS[2:], "--out", str(other)]) == 0
+    for name in (CHECKPOINT_NAME, CHECKPOINT_NAME + ".sha256"):
+        shutil.copyfile(other / name, run_dir / name)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--resume", str(run_dir), "--no-progress"])
+    assert exc.value.code == 2
+    line = one_error_line(capsys)
+    assert f"checkpoint {run_dir / CHECKPOINT_NAME} is not a checkpoint of this popvec run" in line and "3 members" in line
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
 def test_resume_after_a_clean_interrupt_still_works_and_cleans_temp_files(run_dir: Path) -> None:
     leftovers = [run_dir / ".checkpoint.pt.k3j4h5.tmp", run_dir / ".history.json.abc.tmp"]
     for path in leftovers:
