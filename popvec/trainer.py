@@ -477,8 +477,19 @@ class PopulationTrainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore the checkpoint at ``path``; :class:`~popvec.checkpoint.CheckpointError` (one line naming
-        it) when it is corrupted, unreadable, or not a trainer's checkpoint that fits this population."""
+        it) when it is corrupted, unreadable, or not a trainer's checkpoint that fits this population.
+
+        N shrinks by design (eliminations), so the population's shapes cannot tell another run's
+        checkpoint apart: the number of members the run started with must be this trainer's.
+        """
         state = load_checkpoint(path, map_location=self.population.device)
+        counters = state.get("counters")
+        started = counters.get("initial_n") if isinstance(counters, dict) else None
+        if isinstance(started, int) and started != self.initial_n:
+            raise CheckpointError(
+                f"checkpoint {path} is not a checkpoint of this popvec run "
+                f"(it started with {started} members, this run with {self.initial_n})"
+            )
         try:
             self.load_state_dict(state)
         except (KeyError, TypeError, AttributeError, IndexError, RuntimeError, ValueError) as err:
@@ -594,11 +605,6 @@ class MultipleInitializationsTrainer:
             if checkpoint_path is None:
                 raise ValueError("resume=True needs checkpoint_dir")
             trainer.load_checkpoint(checkpoint_path)
-            if trainer.initial_n != self.num_models:  # N shrinks by design, so only the start tells another run's checkpoint apart
-                raise CheckpointError(
-                    f"checkpoint {checkpoint_path} is not a checkpoint of this popvec run "
-                    f"(it started with {trainer.initial_n} members, this run with {self.num_models})"
-                )
         # If the budget ends before the elimination does, a last round there keeps the best.
         policy = SuccessiveHalving(self.num_elim_steps, self.reduce_factor, final_step=steps)
         trainer.fit(train_loader, val_loader, steps, policy, checkpoint_path, on_round)

@@ -148,6 +148,20 @@ def test_a_foreign_file_is_not_a_trainer_checkpoint(tmp_path: Path) -> None:
         trainer.load_checkpoint(path)
 
 
+def test_a_trainer_refuses_the_checkpoint_of_a_population_that_started_with_another_size(tmp_path: Path) -> None:
+    def trainer(n: int) -> PopulationTrainer:
+        pop = Population.from_factory(tiny_mlp, n, seed=0)
+        return PopulationTrainer(pop, optim.SGD(pop, lr=0.1), progress=False)
+
+    path = tmp_path / "c.pt"
+    trainer(2).save_checkpoint(path)
+    with pytest.raises(
+        CheckpointError, match=r"c\.pt is not a checkpoint of this popvec run \(it started with 2 members, this run with 3\)"
+    ):
+        trainer(3).load_checkpoint(path)
+    trainer(2).load_checkpoint(path)  # the same size loads
+
+
 # --------------------------------------------------------------------------- the CLI: --resume and lmc
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
