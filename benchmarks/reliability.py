@@ -15,9 +15,9 @@ has a pass/fail oracle and a finding:
   checkpoint of another run (lmc: its input winner.pt). PASS iff the command exits non-zero with
   one stderr line naming the file, no traceback, and the folder is unchanged.
 * ``concurrent``: two runs on one ``--out`` started together, a second new run or a ``--resume``
-  while the first runs, a stale lock of a dead pid. PASS iff exactly one runs, the other is refused
-  in one line (naming the lock holder's pid when the lock refused it), and the folder equals a
-  solo run; a stale lock is taken over.
+  while the first runs (paused with SIGSTOP until the second is answered), a stale lock of a dead
+  pid. PASS iff exactly one runs, the other is refused in one line (naming the lock holder's pid
+  when the lock refused it), and the folder equals a solo run; a stale lock is taken over.
 * ``fuzz``: hypothesis draws argv from each command's real flags (random values, NaN/inf/negative/
   huge/empty/wrong types, unknown flags, odd paths, ``--resume`` of odd folders) after safe tiny
   defaults. PASS iff exit 0, or exit 1/2 with at most 4 stderr lines and no traceback, within the
@@ -311,9 +311,10 @@ def corrupt(path: Path, kind: str, other: Path, rng: random.Random) -> None:
     elif kind == "random-bytes":  # with a valid sidecar too: the content check, not the checksum, must catch it
         path.write_bytes(rng.randbytes(len(data)))
         write_sidecar(path)
-    elif kind == "other-run":  # a genuine checkpoint (and sidecar) of another run of other shapes
+    elif kind == "other-run":  # a genuine checkpoint (and sidecar, where the source writes them) of another run of other shapes
         shutil.copyfile(other, path)
-        shutil.copyfile(f"{other}.sha256", f"{path}.sha256")
+        if Path(f"{other}.sha256").is_file():
+            shutil.copyfile(f"{other}.sha256", f"{path}.sha256")
     else:
         raise ValueError(f"unknown corruption {kind!r}")
 
@@ -544,7 +545,8 @@ class Campaign:
         inputs.mkdir(parents=True)
         a = inputs / "a.pt"
         shutil.copyfile(self.lmc_a, a)
-        shutil.copyfile(f"{self.lmc_a}.sha256", f"{a}.sha256")
+        if Path(f"{self.lmc_a}.sha256").is_file():
+            shutil.copyfile(f"{self.lmc_a}.sha256", f"{a}.sha256")
         corrupt(a, kind, self.interrupted["train"] / "checkpoint.pt" if "train" in self.interrupted else self.lmc_b, self.rng)
         before = snapshot(inputs)
         out = inputs / "out"
@@ -620,7 +622,11 @@ class Campaign:
             return Trial(
                 "concurrent", command, name, True, f"inconclusive: the first run ended (exit {a.rc}) before the second could start"
             )
-        b = self.pv.run(second(folder))
+        os.killpg(pa.pid, signal.SIGSTOP)  # the first run holds the folder, paused, until the second has its answer
+        try:
+            b = self.pv.run(second(folder))
+        finally:
+            os.killpg(pa.pid, signal.SIGCONT)
         running = pa.poll() is None
         a = Popvec.finish(pa, t0)
         trial = self._pair_outcome(command, name, folder, (pa, a), b)
@@ -939,6 +945,7 @@ def main(argv: list[str] | None = None) -> int:
     fuzz_examples = 2 if args.quick else 3 * n
     source = args.source.resolve()
     rng = random.Random(args.seed)
+    info = git_commit(source)  # the commit measured, taken before any trial
     work = Path(tempfile.mkdtemp(prefix="popvec-reliability-"))
     started = time.monotonic()
     campaign = Campaign(Popvec(source, work), rng, n, commands, say=lambda s: print(s, flush=True))
@@ -950,21 +957,25 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"== {category}", flush=True)
             for command in commands:
-                if category == "kill":
-                    campaign.kill_trials(command)
-                elif category == "corrupt":
-                    campaign.corrupt_trials(command)
-                elif category == "concurrent":
-                    campaign.concurrent_trials(command)
-                else:
-                    campaign.fuzz_trials(command, fuzz_examples, args.seed * 1000 + COMMANDS.index(command), args.fuzz_timeout)
+                try:
+                    if category == "kill":
+                        campaign.kill_trials(command)
+                    elif category == "corrupt":
+                        campaign.corrupt_trials(command)
+                    elif category == "concurrent":
+                        campaign.concurrent_trials(command)
+                    else:
+                        campaign.fuzz_trials(command, fuzz_examples, args.seed * 1000 + COMMANDS.index(command), args.fuzz_timeout)
+                except Exception as err:  # a fault of the campaign itself: shown, and the other commands still run
+                    campaign.record(
+                        Trial(category, command, "campaign-error", False, f"campaign error: {type(err).__name__}: {clip(str(err))}")
+                    )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"scratch kept in {work}")
     table = summarize(campaign.trials)
-    info = git_commit(source)
     scale = "--quick" if args.quick else f"--trials-per-category {n}"
     title = f"popvec reliability ({info['commit'][:7]}{'+dirty' if info['dirty'] else ''}, seed {args.seed}, {scale})"
     print_table(table, title)
