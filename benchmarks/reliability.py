@@ -149,15 +149,23 @@ class Popvec:
             preexec_fn=self._limits,
         )
 
-    @staticmethod
-    def finish(proc: subprocess.Popen[str], started: float, timeout: float | None = 300) -> Run:
+    def finish(self, proc: subprocess.Popen[str], started: float, timeout: float | None = 300) -> Run:
+        """Wait for ``proc``; its output with the scratch folder's path left out (findings name paths inside it)."""
+        timed_out = False
         try:
             out, err = proc.communicate(timeout=timeout)
-            return Run(proc.returncode, out, err, time.monotonic() - started)
         except subprocess.TimeoutExpired:
             kill(proc)
             out, err = proc.communicate()
-            return Run(None, out, err, time.monotonic() - started, timed_out=True)
+            timed_out = True
+        scratch = f"{self.work}/"
+        return Run(
+            None if timed_out else proc.returncode,
+            out.replace(scratch, ""),
+            err.replace(scratch, ""),
+            time.monotonic() - started,
+            timed_out,
+        )
 
     def run(self, argv: list[str], cwd: Path | None = None, timeout: float | None = 300) -> Run:
         started = time.monotonic()
@@ -603,7 +611,7 @@ class Campaign:
         folder = self.fresh(f"together-{command}")
         t0 = time.monotonic()
         pa, pb = self.pv.start(self.argv(command, folder)), self.pv.start(self.argv(command, folder))
-        a, b = Popvec.finish(pa, t0), Popvec.finish(pb, t0)
+        a, b = self.pv.finish(pa, t0), self.pv.finish(pb, t0)
         trial = self._pair_outcome(command, "together", folder, (pa, a), b)
         if trial.passed:
             refused, holder = (b, pa.pid) if a.rc == 0 else (a, pb.pid)
@@ -618,7 +626,7 @@ class Campaign:
         t0 = time.monotonic()
         pa = self.pv.start(self.argv(command, folder))
         if not wait_for(pa, lambda: ready(folder)) or pa.poll() is not None:
-            a = Popvec.finish(pa, t0)
+            a = self.pv.finish(pa, t0)
             return Trial(
                 "concurrent", command, name, True, f"inconclusive: the first run ended (exit {a.rc}) before the second could start"
             )
@@ -628,7 +636,7 @@ class Campaign:
         finally:
             os.killpg(pa.pid, signal.SIGCONT)
         running = pa.poll() is None
-        a = Popvec.finish(pa, t0)
+        a = self.pv.finish(pa, t0)
         trial = self._pair_outcome(command, name, folder, (pa, a), b)
         if trial.passed and "in use" in b.stderr and f"pid {pa.pid}" not in b.stderr:
             return Trial("concurrent", command, name, False, f"refusal does not name the holder pid {pa.pid}: {b.last_err()}", 1)
