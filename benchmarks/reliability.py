@@ -27,8 +27,8 @@ The oracle for a raw traceback is ``Traceback (most recent call last)`` on stder
 (category, trials, passed, worst finding) and writes JSON (default
 ``benchmarks/results/reliability-cpu.json``). Usage::
 
-    python benchmarks/reliability.py                      # about 10 minutes on 2 busy cores
-    python benchmarks/reliability.py --quick              # about 2 minutes
+    python benchmarks/reliability.py                      # 10.5 minutes on 2 shared cores (load average 5-7)
+    python benchmarks/reliability.py --quick              # one trial per category and command
     python benchmarks/reliability.py --source OLD_CHECKOUT --json before.json
 """
 
@@ -932,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--categories", default=",".join(CATEGORIES), help=f"comma-separated subset of {','.join(CATEGORIES)}")
     parser.add_argument("--source", type=Path, default=ROOT, help="popvec source tree to measure (default: this checkout)")
     parser.add_argument("--json", type=Path, default=None, help=f"result file (default: {DEFAULT_JSON.relative_to(ROOT)})")
-    parser.add_argument("--quick", action="store_true", help="one trial per category and command, fewer fuzz examples (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="one trial per category and command, fewer fuzz examples")
     parser.add_argument("--fuzz-timeout", type=float, default=30.0, help="seconds a fuzzed run may take")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     parser.add_argument(
