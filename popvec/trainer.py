@@ -477,8 +477,19 @@ class PopulationTrainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore the checkpoint at ``path``; :class:`~popvec.checkpoint.CheckpointError` (one line naming
-        it) when it is corrupted, unreadable, or not a trainer's checkpoint that fits this population."""
+        it) when it is corrupted, unreadable, or not a trainer's checkpoint that fits this population.
+
+        N shrinks by design (eliminations), so the population's shapes cannot tell another run's
+        checkpoint apart: the number of members the run started with must be this trainer's.
+        """
         state = load_checkpoint(path, map_location=self.population.device)
+        counters = state.get("counters")
+        started = counters.get("initial_n") if isinstance(counters, dict) else None
+        if isinstance(started, int) and started != self.initial_n:
+            raise CheckpointError(
+                f"checkpoint {path} is not a checkpoint of this popvec run "
+                f"(it started with {started} members, this run with {self.initial_n})"
+            )
         try:
             self.load_state_dict(state)
         except (KeyError, TypeError, AttributeError, IndexError, RuntimeError, ValueError) as err:

@@ -148,6 +148,20 @@ def test_a_foreign_file_is_not_a_trainer_checkpoint(tmp_path: Path) -> None:
         trainer.load_checkpoint(path)
 
 
+def test_a_trainer_refuses_the_checkpoint_of_a_population_that_started_with_another_size(tmp_path: Path) -> None:
+    def trainer(n: int) -> PopulationTrainer:
+        pop = Population.from_factory(tiny_mlp, n, seed=0)
+        return PopulationTrainer(pop, optim.SGD(pop, lr=0.1), progress=False)
+
+    path = tmp_path / "c.pt"
+    trainer(2).save_checkpoint(path)
+    with pytest.raises(
+        CheckpointError, match=r"c\.pt is not a checkpoint of this popvec run \(it started with 2 members, this run with 3\)"
+    ):
+        trainer(3).load_checkpoint(path)
+    trainer(2).load_checkpoint(path)  # the same size loads
+
+
 # --------------------------------------------------------------------------- the CLI: --resume and lmc
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -202,6 +216,23 @@ def test_resume_from_a_foreign_checkpoint_is_one_line_exit_2(run_dir: Path, caps
     assert exc.value.code == 2
     line = one_error_line(capsys)
     assert f"checkpoint {path} is unreadable" in line
+
+
+def test_resume_from_the_checkpoint_of_a_run_of_another_size_is_refused(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other"  # a genuine checkpoint, valid sha256, of a run that started with 3 members, not 4
+    assert cli.main(["train", *TWO_ROUNDS[:1], "3", *TWO_ROUNDS[2:], "--out", str(other)]) == 0
+    for name in (CHECKPOINT_NAME, CHECKPOINT_NAME + ".sha256"):
+        shutil.copyfile(other / name, run_dir / name)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--resume", str(run_dir), "--no-progress"])
+    assert exc.value.code == 2
+    line = one_error_line(capsys)
+    assert f"checkpoint {run_dir / CHECKPOINT_NAME} is not a checkpoint of this popvec run" in line and "3 members" in line
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
 
 def test_resume_after_a_clean_interrupt_still_works_and_cleans_temp_files(run_dir: Path) -> None:

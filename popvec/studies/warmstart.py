@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from popvec import checks, optim
-from popvec.checkpoint import load_checkpoint
+from popvec.checkpoint import CheckpointError, load_checkpoint
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
 from popvec.population import Population
@@ -325,8 +325,8 @@ def _restore(trainer: PopulationTrainer, path: Path, policy: ThresholdStop) -> T
     state = load_checkpoint(path, map_location=trainer.population.device)
     saved = state.get("policy")
     if not isinstance(saved, dict) or set(saved) != set(policy.state_dict()):
-        raise ValueError(f"{path} is not a warm-start study's checkpoint")
-    trainer.load_state_dict(state)
+        raise CheckpointError(f"checkpoint {path} is not a warm-start study's checkpoint")
+    trainer.load_checkpoint(path)  # the trainer's checks: one line naming the file for another run's checkpoint
     policy.load_state_dict(saved)
     return policy
 
