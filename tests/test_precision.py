@@ -294,3 +294,80 @@ def test_fp16_runs_the_per_member_update_so_a_skip_changes_no_other_member() -> 
     assert opt.use_fused == hasattr(torch, "_fused_adam_")
     TrainStep(pop, opt, precision="fp16")
     assert not opt.use_fused
+
+
+# ---------------------------------------------------------------------------- studies and the command line
+def test_lmc_curve_under_bf16_is_close_to_fp32_and_skips_the_fp32_shortcut() -> None:
+    from popvec.studies import lmc
+
+    pop = Population.from_factory(MODEL_FNS["cnn_bn"], 2, SEED)
+    a, b = pop.member(0), pop.member(1)
+    data = make_batches(1, batch=64)[0]
+    curves = {p: lmc.interpolate(a, b, data, 5, bn_data=data, precision=p) for p in ("fp32", "bf16")}
+    torch.testing.assert_close(curves["bf16"].loss, curves["fp32"].loss, rtol=0, atol=LOSS_ATOL["bf16"])
+    assert curves["fp32"].shortcut is True and curves["bf16"].shortcut is False
+
+
+def test_instability_trains_its_trunk_and_copies_in_the_precision_given() -> None:
+    from popvec.studies import lmc
+
+    x = torch.randn(64, *IN_SHAPE, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, NUM_CLASSES, (64,), generator=torch.Generator().manual_seed(1))
+    runs = {
+        p: lmc.instability(MODEL_FNS["mlp"], lambda pop: optim.SGD(pop, lr=0.1), (x, y), [0, 2], 3, batch_size=16, alphas=3, precision=p)
+        for p in ("fp32", "fp16")
+    }
+    half, full = runs["fp16"].branches.params["fc1.weight"], runs["fp32"].branches.params["fc1.weight"]
+    assert half.shape[0] == 4
+    assert not torch.equal(half, full)  # trained under autocast
+    torch.testing.assert_close(half, full, rtol=0, atol=1e-2)
+    assert bool(torch.isfinite(runs["fp16"].loss_barrier).all())
+
+
+COMMANDS = ["train", "hyperband", "pbt", "instability", "warmstart", "lmc"]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_takes_precision_and_refuses_a_bad_one(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from popvec import cli
+
+    positional = ["a.pt", "b.pt"] if name == "lmc" else []
+    parsed = cli.build_parser().parse_args([name, *positional, "--precision", "bf16"])
+    assert parsed.precision == "bf16"
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        cli.main([name, *positional, "--precision", "fp8", "--out", str(out)])
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--precision" in lines[0] and "fp32, bf16, fp16" in lines[0].replace("'", "")
+    assert not out.exists()
+
+
+def test_a_config_json_saved_before_precision_existed_resumes_in_fp32(tmp_path: Path) -> None:
+    import json
+
+    from popvec.cli import flags
+    from popvec.cli.train import TrainConfig
+
+    data = flags.as_dict(TrainConfig(precision="bf16"))
+    assert data["precision"] == "bf16"
+    del data["precision"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert flags.from_json(TrainConfig, tmp_path / "config.json").precision == "fp32"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_popvec_train_in_mixed_precision(precision: str, tmp_path: Path) -> None:
+    import json
+
+    from rich.console import Console
+
+    from popvec.cli.train import TrainConfig, run
+
+    out = tmp_path / "run"
+    tiny = {"num_models": 3, "num_elim_steps": 5, "epochs": 1, "batch_size": 64, "model": "mlp", "no_progress": True}
+    config = TrainConfig(**tiny, device="cpu", out=str(out), precision=precision)
+    assert run(config, Console(quiet=True)) == 0
+    assert json.loads((out / "config.json").read_text())["precision"] == precision
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] > 0.5  # digits: a few dozen steps of an MLP, in bf16/fp16 as in fp32

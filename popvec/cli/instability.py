@@ -22,6 +22,7 @@ from popvec.cli.config import (
     HparamFlags,
     OptimizerFlags,
     PlotFlags,
+    PrecisionFlags,
     RunFlags,
     SeedFlags,
     config,
@@ -46,7 +47,7 @@ def k1_list(text: str) -> tuple[int, ...]:
 
 
 @config
-class InstabilityConfig(CurveFlags, DataFlags, OptimizerFlags, HparamFlags, SeedFlags, DeviceFlags, PlotFlags, RunFlags):
+class InstabilityConfig(CurveFlags, DataFlags, OptimizerFlags, HparamFlags, SeedFlags, PrecisionFlags, DeviceFlags, PlotFlags, RunFlags):
     """``popvec instability``: spawn steps, copies, and how the trunk and the copies train."""
 
     COMMAND: ClassVar[str] = "instability"
@@ -102,6 +103,7 @@ def run(config: InstabilityConfig, console: Console, resume: bool = False) -> in
                 on_step=on_step,
                 run_dir=out,
                 resume=resume,
+                precision=config.precision,
             )
         rows = [
             {

@@ -128,6 +128,7 @@ def interpolate(
     bn_data: Any = None,
     batch_size: int = 1024,
     member_chunk_size: int | None = None,
+    precision: str = "fp32",
 ) -> InterpolationResult:
     """Loss and error along ``w(alpha) = (1 - alpha) * w_a + alpha * w_b``, all alphas in one vmapped pass.
 
@@ -138,7 +139,8 @@ def interpolate(
     ``"auto"``, when the model has BatchNorm running statistics) recomputes every alpha's
     statistics over ``bn_data`` (training batches; see :func:`recompute_batchnorm`);
     ``"keep"`` evaluates with interpolated statistics. ``member_chunk_size`` bounds how many of
-    the K networks run at once.
+    the K networks run at once. ``precision``: ``"bf16"``/``"fp16"`` evaluate (and recompute
+    statistics) under autocast (see :mod:`popvec.precision`).
     """
     pa, pb = _as_member(a, "a"), _as_member(b, "b")
     problem = architecture_mismatch(pa.skeleton, pb.skeleton)
@@ -147,7 +149,7 @@ def interpolate(
     if pa.device != pb.device:
         raise ValueError(f"b must be on the same device as a: {pb.device} vs {pa.device}")
     requested = as_alphas(alphas)
-    spec = path_evaluation(pa.skeleton, data, loss_fn, bn, bn_data, batch_size, member_chunk_size)
+    spec = path_evaluation(pa.skeleton, data, loss_fn, bn, bn_data, batch_size, member_chunk_size, precision)
     full, keep = alpha_grid(requested)
     loss, error, shortcut = evaluate_paths(pa, pb, full, spec)
     loss, error = loss[0], error[0]
@@ -201,6 +203,7 @@ def barrier_matrix(
     batch_size: int = 1024,
     pair_chunk_size: int = 8,
     member_chunk_size: int | None = None,
+    precision: str = "fp32",
 ) -> BarrierMatrix:
     """Loss/error barriers between all N(N-1)/2 pairs of members, as ``[N, N]`` matrices.
 
@@ -211,7 +214,7 @@ def barrier_matrix(
     if population.n < 2:
         raise ValueError(f"population must have at least 2 members, got {population.n}")
     requested = as_alphas(alphas)
-    spec = path_evaluation(population.skeleton, data, loss_fn, bn, bn_data, batch_size, member_chunk_size)
+    spec = path_evaluation(population.skeleton, data, loss_fn, bn, bn_data, batch_size, member_chunk_size, precision)
     first, second = torch.triu_indices(population.n, population.n, offset=1)
     barriers = pair_barriers(population, first, second, requested, spec, pair_chunk_size)
     loss, error, l2 = (_symmetric(population.n, first, second, v) for v in barriers)
