@@ -19,7 +19,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from popvec import checks, diagnose
 from popvec.optim import Optimizer, PopulationOptimizer, TorchOptimizer, grad_norm
 from popvec.population import Population, as_mask, check_batch
-from popvec.precision import LossScaler, autocast, check_precision, under_autocast
+from popvec.precision import LossScaler, autocast, check_precision, norms_need_float32, under_autocast
 
 __all__ = ["LossFn", "make_grad_fn", "preflight", "TrainStep", "evaluate", "accumulate_metrics", "batch_accuracy"]
 
@@ -91,9 +91,10 @@ def _mixed_grad_fn(
     """:func:`make_grad_fn` under autocast (and with loss scales): kept apart so the fp32 path stays as it was."""
     skeleton = population.skeleton
     device_type = population.device.type
+    float32_norms = norms_need_float32(device_type, precision)  # probed here, outside the transforms
 
     def member_loss(trainable, frozen, buffers, x, y, loss_hparams, scale):  # type: ignore[no-untyped-def]
-        with autocast(device_type, precision):  # the forward and the loss; the backward runs outside, as with autocast alone
+        with autocast(device_type, precision, float32_norms):  # the forward and the loss; the backward runs outside
             out = functional_call(skeleton, ({**trainable, **frozen}, buffers), (x.clone(),))
             loss = loss_fn(out, y, **loss_hparams).float()
         return (loss if scale is None else loss * scale), loss

@@ -11,23 +11,24 @@ its scale (``torch.amp.GradScaler``'s rule, applied to each member alone).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 
 from popvec import checks
 from popvec.population import IndexLike, as_index
 
-__all__ = ["PRECISIONS", "LossScaler", "autocast", "autocast_dtype", "check_precision", "under_autocast"]
+__all__ = ["PRECISIONS", "LossScaler", "autocast", "autocast_dtype", "check_precision", "norms_need_float32", "under_autocast"]
 
 #: The precisions every trainer, ``evaluate`` and ``--precision`` accept.
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Normalization layers whose backward under vmap(grad) fails on a half-precision input with float32
-# weights (pytorch/pytorch#184890: "expected scalar type Half but found Float"). Their input is
-# upcast to float32 under autocast; CUDA autocast runs layer_norm/group_norm in float32 anyway.
+# Normalization layers whose backward under vmap(grad) can fail on a half-precision input with float32
+# weights (pytorch/pytorch#184890: "expected scalar type Half but found Float"); see norms_need_float32.
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -50,23 +51,67 @@ def _upcast_norm_inputs(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, 
 
 
 @contextlib.contextmanager
-def autocast(device_type: str, precision: str) -> Iterator[None]:
+def autocast(device_type: str, precision: str, float32_norms: bool = False) -> Iterator[None]:
     """``torch.autocast(device_type, dtype)`` for ``bf16``/``fp16`` (nothing at all for ``fp32``).
 
     The weight-cast cache is off: it would outlive a CUDA-graph capture, and under vmap/grad the
-    members' weights are not the leaves it caches. Normalization layers get float32 inputs (see
-    ``_NORMS``): what their mixed-dtype kernels compute internally anyway.
+    members' weights are not the leaves it caches. ``float32_norms``: normalization layers get
+    float32 inputs (what their mixed-dtype kernels compute in anyway; see :func:`norms_need_float32`).
     """
     dtype = autocast_dtype(precision)
     if dtype is None:
         yield
         return
-    handle = nn.modules.module.register_module_forward_pre_hook(_upcast_norm_inputs)  # type: ignore[arg-type]
+    hook = _upcast_norm_inputs if float32_norms else None
+    handle = nn.modules.module.register_module_forward_pre_hook(hook) if hook is not None else None  # type: ignore[arg-type]
     try:
         with torch.autocast(device_type, dtype=dtype, cache_enabled=False):
             yield
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
+
+
+class _NormProbe(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.norms = nn.ModuleList([nn.BatchNorm1d(4), nn.LayerNorm(4), nn.GroupNorm(2, 4)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        return sum((norm(h).float().sum() for norm in self.norms), torch.zeros((), device=x.device))
+
+
+@functools.cache
+def norms_need_float32(device_type: str, precision: str) -> bool:
+    """Whether the training step must give normalization layers float32 inputs under autocast.
+
+    ``vmap(grad)`` of BatchNorm/LayerNorm/GroupNorm with a half-precision input and float32 weights
+    fails in some torch builds (pytorch/pytorch#184890; the CPU of torch 2.14 among them). One tiny
+    probe per device type and precision (once per process; the global RNG is left as it was) says
+    whether it does here; where it does, those layers' inputs are upcast (their outputs are then
+    float32, and the next layer casts them back).
+    """
+    dtype = autocast_dtype(precision)
+    if dtype is None:
+        return False
+    device = torch.device(device_type)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        probe = _NormProbe().to(device)
+        params = {k: v.detach().unsqueeze(0) for k, v in probe.named_parameters()}
+        buffers = {k: v.unsqueeze(0).clone() for k, v in probe.named_buffers()}
+        x = torch.randn(3, 4, device=device)
+
+        def loss(p: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
+            with torch.autocast(device_type, dtype=dtype, cache_enabled=False):
+                return functional_call(probe, (p, b), (x,))  # type: ignore[no-any-return]
+
+        try:
+            vmap(grad(loss))(params, buffers)
+        except RuntimeError:
+            return True
+    return False
 
 
 def under_autocast(fn: F, device_type: str, precision: str) -> F:

@@ -288,6 +288,16 @@ def test_bad_settings_are_refused() -> None:
         LossScaler(N).set_scale(float("inf"), [0])
 
 
+def test_the_norm_probe_leaves_the_random_stream_alone() -> None:
+    popvec.precision.norms_need_float32.cache_clear()
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    answers = {p: popvec.precision.norms_need_float32("cpu", p) for p in ("fp32", "bf16", "fp16")}
+    assert torch.equal(torch.rand(3), expected)
+    assert answers["fp32"] is False  # (bf16/fp16: whatever this torch build needs; the models with norms train either way)
+
+
 def test_fp16_runs_the_per_member_update_so_a_skip_changes_no_other_member() -> None:
     pop = Population.from_factory(MODEL_FNS["mlp"], N, SEED)
     opt = optim.Adam(pop, lr=1e-2)
