@@ -400,3 +400,16 @@ def test_popvec_train_in_mixed_precision(precision: str, tmp_path: Path) -> None
     assert json.loads((out / "config.json").read_text())["precision"] == precision
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"] > 0.5  # digits: a few dozen steps of an MLP, in bf16/fp16 as in fp32
+
+
+def test_loss_scaler_rule_per_member() -> None:
+    scaler = LossScaler(3, init_scale=8.0, growth_interval=2)
+    scaler.update(torch.tensor([False, True, True]), mask=torch.tensor([True, True, False]))
+    assert scaler.scale.tolist() == [4.0, 8.0, 8.0] and scaler.growth_tracker.tolist() == [0, 1, 0]  # member 2 not trained
+    scaler.update(torch.tensor([True, True, True]))
+    assert scaler.scale.tolist() == [4.0, 16.0, 8.0] and scaler.growth_tracker.tolist() == [1, 0, 1]
+    big = LossScaler(1, init_scale=2.0**127, growth_interval=1)
+    big.update(torch.tensor([True]))
+    assert big.scale.tolist() == [2.0**127]  # growing would overflow float32: kept, as GradScaler does
+    grads, finite = LossScaler(2, init_scale=4.0).unscale({"w": torch.tensor([[2.0, 4.0], [float("inf"), 1.0]])})
+    assert finite.tolist() == [True, False] and grads["w"][0].tolist() == [0.5, 1.0]
