@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -191,12 +191,10 @@ class LossScaler:
             tracker = torch.where(mask, tracker, self.growth_tracker)
         self.scale, self.growth_tracker = scale, tracker
 
-    def set_scale(self, values: float | Tensor | list[float], members: IndexLike | None = None) -> None:
+    def set_scale(self, values: float | Sequence[float] | Tensor, members: IndexLike | None = None) -> None:
         """Set the scale of ``members`` (positions; default all), e.g. to restart after a change of learning rate."""
         index = as_index(range(self.n) if members is None else members, self.n, self.scale.device)
-        new = torch.as_tensor(values, dtype=torch.float32, device=self.scale.device).expand(index.shape[0])
-        if not bool((torch.isfinite(new) & (new > 0)).all()):
-            raise ValueError(f"scale must be finite and > 0 for every member, got {new.tolist()}")
+        new = checks.member_values("scale", values, index.shape[0], self.scale.device, low=0.0, low_open=True)
         self.scale = self.scale.index_copy(0, index, new)
 
     # ------------------------------------------------------------------ per-member state
