@@ -17,8 +17,9 @@ from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
 from popvec import checks, diagnose, losses
-from popvec.optim import Optimizer, grad_norm
+from popvec.optim import Optimizer, PopulationOptimizer, TorchOptimizer, grad_norm
 from popvec.population import Population, as_mask, check_batch, check_placement
+from popvec.precision import LossScaler, autocast, check_precision, norms_need_float32, under_autocast
 
 __all__ = ["LossFn", "make_grad_fn", "preflight", "TrainStep", "evaluate", "accumulate_metrics", "batch_accuracy"]
 
@@ -52,6 +53,8 @@ def make_grad_fn(
     member_chunk_size: int | None = None,
     with_loss_hparams: bool = False,
     randomness: str = "different",
+    precision: str = "fp32",
+    loss_scaled: bool = False,
 ) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
     """``grad_fn(trainable, frozen, buffers, x, y) -> (grads, losses)`` for the whole stack.
 
@@ -67,15 +70,22 @@ def make_grad_fn(
     (one mask shared by all members; needed by modules that draw random numbers in place into a
     tensor shared by all members, such as stochastic depth). Each member's forward gets its own copy
     of ``x``, so a forward that modifies its input in place gives the same results for any chunking.
+    ``precision`` ``"bf16"``/``"fp16"``: each member's forward and loss run under
+    :func:`popvec.precision.autocast` (gradients stay float32, like the parameters).
+    ``loss_scaled=True``: the function takes one more argument after those above, the per-member
+    loss scales ``[N]``; the gradients are those of ``loss * scale[i]`` and the losses returned are
+    the unscaled ones.
     """
     skeleton = population.skeleton
     randomness = diagnose.check_randomness(randomness)
+    data_dim = 0 if per_member else None
+    if check_precision(precision) != "fp32" or loss_scaled:
+        return _mixed_grad_fn(population, loss_fn, data_dim, member_chunk_size, with_loss_hparams, randomness, precision, loss_scaled)
 
     def member_loss(trainable: dict[str, Tensor], frozen: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         out = functional_call(skeleton, ({**trainable, **frozen}, buffers), (x.clone(),))
         return loss_fn(out, y)
 
-    data_dim = 0 if per_member else None
     if with_loss_hparams:
 
         def member_loss_kw(trainable, frozen, buffers, x, y, loss_hparams):  # type: ignore[no-untyped-def]
@@ -88,6 +98,44 @@ def make_grad_fn(
     return vmap(grad_and_value(member_loss), in_dims=(0, 0, 0, data_dim, data_dim), randomness=randomness, chunk_size=member_chunk_size)
 
 
+def _mixed_grad_fn(
+    population: Population,
+    loss_fn: LossFn,
+    data_dim: int | None,
+    member_chunk_size: int | None,
+    with_loss_hparams: bool,
+    randomness: str,
+    precision: str,
+    loss_scaled: bool,
+) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
+    """:func:`make_grad_fn` under autocast (and with loss scales): kept apart so the fp32 path stays as it was."""
+    skeleton = population.skeleton
+    device_type = population.device.type
+    float32_norms = norms_need_float32(device_type, precision)  # probed here, outside the transforms
+
+    def member_loss(trainable, frozen, buffers, x, y, loss_hparams, scale):  # type: ignore[no-untyped-def]
+        with autocast(device_type, precision, float32_norms):  # the forward and the loss; the backward runs outside
+            out = functional_call(skeleton, ({**trainable, **frozen}, buffers), (x.clone(),))
+            loss = loss_fn(out, y, **loss_hparams).float()
+        return (loss if scale is None else loss * scale), loss
+
+    vmapped = vmap(
+        grad_and_value(member_loss, has_aux=True),
+        in_dims=(0, 0, 0, data_dim, data_dim, 0, 0 if loss_scaled else None),
+        randomness=randomness,
+        chunk_size=member_chunk_size,
+    )
+
+    def grad_fn(trainable, frozen, buffers, x, y, *extra):  # type: ignore[no-untyped-def]
+        rest = list(extra)
+        loss_hparams = rest.pop(0) if with_loss_hparams else {}
+        scale = rest.pop(0) if loss_scaled else None
+        grads, (_, losses) = vmapped(trainable, frozen, buffers, x, y, loss_hparams, scale)
+        return grads, losses
+
+    return grad_fn
+
+
 def preflight(
     population: Population,
     x: Tensor,
@@ -96,6 +144,7 @@ def preflight(
     per_member: bool = False,
     loss_hparams: dict[str, Tensor] | None = None,
     randomness: str = "different",
+    precision: str = "fp32",
 ) -> None:
     """Check that a training step can run under vmap, before any training; raise a clear error if not.
 
@@ -112,6 +161,7 @@ def preflight(
     or ``y`` (the loss). With a classification loss every label of ``y`` (the whole batch) is
     checked to lie in ``[0, C)`` here: so labels are checked at the first step of each batch
     shape, not at every step (no host sync per step).
+    ``precision``: the step's autocast (loss scaling changes nothing that could fail, so it is left out).
     """
     check_pair(x, y, per_member)
     members = min(population.n, 2)
@@ -127,7 +177,7 @@ def preflight(
         trainable=population.trainable,
     )
     hparams = {k: v[:members] for k, v in (loss_hparams or {}).items()}
-    grad_fn = make_grad_fn(probe, loss_fn, per_member, None, bool(hparams), randomness)
+    grad_fn = make_grad_fn(probe, loss_fn, per_member, None, bool(hparams), randomness, precision)
     trainable = {k: probe.params[k] for k in probe.trainable}
     frozen = {k: v for k, v in probe.params.items() if k not in trainable}
     xs, ys = cut(x), cut(y)
@@ -168,6 +218,15 @@ class TrainStep:
     ``randomness`` is passed to vmap (see :func:`make_grad_fn`). Before the first step of each batch
     shape a :func:`preflight` (one tiny step on a slice) turns what vmap cannot batch into one clear
     error naming the module and the fix.
+
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``): see :mod:`popvec.precision`; parameters and
+    optimizer state stay float32. ``fp16`` scales each member's loss by its own dynamic scale
+    (``loss_scaler``, a :class:`~popvec.precision.LossScaler`; a fresh one by default): a member
+    whose gradients overflow skips only its own update (the optimizer's step mask: parameters,
+    state and step count unchanged) and halves only its own scale; the others are untouched by it.
+    Its update then runs the optimizer's per-member (unfused) rule for every step, so that whether
+    one member skipped never changes how the others are computed; CUDA graphs are off (each step
+    reads on the host whether any member overflowed, as ``torch.amp.GradScaler`` does).
     """
 
     warmup_steps = 2
@@ -181,9 +240,13 @@ class TrainStep:
         cuda_graph: bool | None = None,
         member_chunk_size: int | None = None,
         randomness: str = "different",
+        precision: str = "fp32",
+        loss_scaler: LossScaler | None = None,
     ) -> None:
         checks.optional_integer("member_chunk_size", member_chunk_size, 1)
         self.randomness = diagnose.check_randomness(randomness)
+        self.precision = check_precision(precision)
+        self.loss_scaler = _loss_scaler_for(self.precision, loss_scaler, population, optimizer, cuda_graph)
         self._preflown: set[tuple[Any, ...]] = set()
         self.population = population
         self.member_chunk_size = member_chunk_size
@@ -203,7 +266,16 @@ class TrainStep:
     def _grad_fn(self, per_member: bool, with_loss_hparams: bool) -> Callable[..., Any]:
         key = (per_member, with_loss_hparams)
         if key not in self._grad_fns:
-            fn = make_grad_fn(self.population, self.loss_fn, per_member, self.member_chunk_size, with_loss_hparams, self.randomness)
+            fn = make_grad_fn(
+                self.population,
+                self.loss_fn,
+                per_member,
+                self.member_chunk_size,
+                with_loss_hparams,
+                self.randomness,
+                self.precision,
+                self.loss_scaler is not None,
+            )
             self._grad_fns[key] = torch.compile(fn) if self.compile else fn
         return self._grad_fns[key]
 
@@ -232,7 +304,7 @@ class TrainStep:
         loss_hparams = loss_hparams or {}
         shape_key = (per_member, tuple(x.shape), tuple(y.shape), tuple(sorted(loss_hparams)))
         if shape_key not in self._preflown:  # once per batch shape: a clear error instead of a vmap one
-            preflight(pop, x, y, self.loss_fn, per_member, loss_hparams, self.randomness)
+            preflight(pop, x, y, self.loss_fn, per_member, loss_hparams, self.randomness, self.precision)
             self._preflown.add(shape_key)
         if mask is not None:
             return self._masked_step(x, y, per_member, as_mask(mask, pop.n, pop.device), loss_hparams)
@@ -241,6 +313,8 @@ class TrainStep:
         return self._eager_step(x, y, per_member, loss_hparams)
 
     def _eager_step(self, x: Tensor, y: Tensor, per_member: bool, loss_hparams: dict[str, Tensor], mask: Tensor | None = None) -> Tensor:
+        if self.loss_scaler is not None:
+            return self._scaled_step(x, y, per_member, loss_hparams, mask)
         pop = self.population
         trainable = {k: pop.params[k] for k in pop.trainable}
         frozen = {k: v for k, v in pop.params.items() if k not in trainable}
@@ -251,6 +325,27 @@ class TrainStep:
             norms = grad_norm([grads[k] for k in pop.trainable])
             self.grad_norm_max = norms if self.grad_norm_max is None else torch.maximum(self.grad_norm_max, norms)
         self.last_grad_norm = self.optimizer.step(grads) if mask is None else self.optimizer.step(grads, mask=mask)
+        return losses.detach()
+
+    def _scaled_step(self, x: Tensor, y: Tensor, per_member: bool, loss_hparams: dict[str, Tensor], mask: Tensor | None) -> Tensor:
+        """An fp16 step with per-member loss scaling: members whose gradients overflow skip their update."""
+        pop, scaler = self.population, self.loss_scaler
+        assert scaler is not None
+        trainable = {k: pop.params[k] for k in pop.trainable}
+        frozen = {k: v for k, v in pop.params.items() if k not in trainable}
+        pop.train()
+        extra = (loss_hparams,) if loss_hparams else ()
+        scaled, losses = self._grad_fn(per_member, bool(loss_hparams))(trainable, frozen, pop.buffers, x, y, *extra, scaler.scale)
+        grads, finite = scaler.unscale(scaled)
+        if self.track_grad_norm:  # a skipped step's gradients are no measurement: NaN, ignored by fmax
+            norms = torch.where(finite, grad_norm([grads[k] for k in pop.trainable]), torch.nan)
+            self.grad_norm_max = norms if self.grad_norm_max is None else torch.fmax(self.grad_norm_max, norms)
+        update = finite if mask is None else mask & finite
+        if mask is None and bool(finite.all()):  # one host read per step, as GradScaler.step
+            self.last_grad_norm = self.optimizer.step(grads)
+        else:
+            self.last_grad_norm = self.optimizer.step(grads, mask=update)
+        scaler.update(finite, mask)
         return losses.detach()
 
     def _masked_step(self, x: Tensor, y: Tensor, per_member: bool, mask: Tensor, loss_hparams: dict[str, Tensor]) -> Tensor:
@@ -265,6 +360,8 @@ class TrainStep:
     # ------------------------------------------------------------------ CUDA graphs
     def _graphs_enabled(self, x: Tensor) -> bool:
         if self.track_grad_norm:  # the running maximum is host-managed state: eager steps only
+            return False
+        if self.loss_scaler is not None:  # fp16 loss scaling reads overflows on the host every step
             return False
         capable = x.is_cuda and self.optimizer.cuda_graph_capable and not self.compile
         if self.cuda_graph is None:
@@ -315,6 +412,32 @@ class TrainStep:
         return self._graph.replay(x, y, self.optimizer)
 
 
+def _loss_scaler_for(
+    precision: str, loss_scaler: LossScaler | None, population: Population, optimizer: Optimizer, cuda_graph: bool | None
+) -> LossScaler | None:
+    """The step's loss scaler: ``loss_scaler`` or a fresh one for fp16, None otherwise; refuses what cannot work."""
+    if precision != "fp16":
+        if loss_scaler is not None:
+            raise ValueError(f"loss_scaler is used with precision='fp16' only, got precision={precision!r}")
+        return None
+    if cuda_graph:
+        raise ValueError(
+            "cuda_graph=True cannot be used with precision='fp16': per-member loss scaling reads on the host "
+            "whether a member overflowed at each step; use bf16 with CUDA graphs, or cuda_graph=None"
+        )
+    scaler = loss_scaler if loss_scaler is not None else LossScaler(population.n, population.device)
+    if scaler.n != population.n:
+        raise ValueError(f"loss_scaler must have one scale per member ({population.n}), got {scaler.n}")
+    problem = optimizer.mask_problem() if isinstance(optimizer, TorchOptimizer) else None
+    if problem:
+        raise ValueError(f"precision='fp16' skips an overflowing member's update with a step mask, but {problem}")
+    if isinstance(optimizer, PopulationOptimizer):
+        # A skipped member keeps its step count; the fused kernel needs one count shared by all, so after a
+        # skip the others would switch kernels (same maths, other rounding). The per-member rule never does.
+        optimizer.use_fused = False
+    return scaler
+
+
 class _RecordedStep:
     """A recorded step: static input buffers, the graph, and its static output."""
 
@@ -341,6 +464,7 @@ def evaluate(
     loss_fn: LossFn = F.cross_entropy,
     batch_size: int = 1024,
     member_chunk_size: int | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Tensor]:
     """Per-member mean loss and accuracy over all of ``data``: ``{"loss": [N], "accuracy": [N]}``.
 
@@ -350,16 +474,19 @@ def evaluate(
     population's mode afterwards. ``loss_fn`` must return the mean over a batch. A member whose
     loss is not finite (NaN weights or outputs) gets accuracy NaN: an argmax over NaN outputs is no
     measurement. Inputs holding NaN or inf raise ValueError ("... x contains NaN ...").
+    ``precision`` ``"bf16"``/``"fp16"``: the forward and the loss run under autocast (sums stay float64).
     """
     from popvec.loaders import iterate_batches
 
+    device_type = population.device.type
+    precision = check_precision(precision)
     was_training = population.training
     population.eval()
     try:
         metrics = accumulate_metrics(
             iterate_batches(data, batch_size),
-            lambda x: population.forward(x, member_chunk_size=member_chunk_size),
-            vmap(loss_fn, in_dims=(0, None)),
+            under_autocast(lambda x: population.forward(x, member_chunk_size=member_chunk_size), device_type, precision),
+            under_autocast(vmap(loss_fn, in_dims=(0, None)), device_type, precision),
             population.device,
             check_labels=loss_fn in CLASSIFICATION_LOSSES,
         )

@@ -3,7 +3,7 @@
 A :class:`PopulationState` owns the stacked parameters and buffers and the member ids (the
 :class:`~popvec.population.Population`), the optimizer's state, step counts, per-member
 hyperparameters and schedules (the optimizer), the per-member loss hyperparameters, which members
-are active (the step mask), and the data order (a per-member batch source). ``select`` (in place)
+are active (the step mask), the fp16 loss scales, and the data order (a per-member batch source). ``select`` (in place)
 and ``take`` (a new state) apply one index to all of it, and ``state_dict`` saves all of it, so a
 new per-member field is added here once and no caller can forget to slice it.
 """
@@ -21,6 +21,7 @@ from popvec.loaders import BatchSource
 from popvec.losses import LOSS_HPARAM_RANGES
 from popvec.optim import HParam, Optimizer, as_member_values
 from popvec.population import IndexLike, Population, as_index, as_mask
+from popvec.precision import LossScaler
 
 __all__ = ["PopulationState"]
 
@@ -32,7 +33,8 @@ class PopulationState:
     label smoothing). ``active`` is ``None`` (every member trains) or an ``[N]`` bool tensor:
     members marked False keep their parameters, buffers and optimizer state at every step. The
     batch ``source`` is attached when training starts (:meth:`attach_source`); a state restored
-    from a checkpoint before that keeps the source's saved position until then.
+    from a checkpoint before that keeps the source's saved position until then. ``loss_scaler``
+    (fp16 only): each member's dynamic loss scale (:class:`~popvec.precision.LossScaler`).
     """
 
     def __init__(
@@ -41,9 +43,13 @@ class PopulationState:
         optimizer: Optimizer,
         loss_hparams: Mapping[str, HParam] | None = None,
         active: Tensor | None = None,
+        loss_scaler: LossScaler | None = None,
     ) -> None:
         if optimizer.population is not population:
             raise ValueError("optimizer must be built on the same population the state holds")
+        if loss_scaler is not None and loss_scaler.n != population.n:
+            raise ValueError(f"loss_scaler must have one scale per member ({population.n}), got {loss_scaler.n}")
+        self.loss_scaler = loss_scaler
         self.population = population
         self.optimizer = optimizer
         self.loss_hparams: dict[str, Tensor] = {
@@ -102,6 +108,8 @@ class PopulationState:
         self.loss_hparams = {name: values.index_select(0, index) for name, values in self.loss_hparams.items()}
         if self.active is not None:
             self.active = self.active.index_select(0, index)
+        if self.loss_scaler is not None:
+            self.loss_scaler.select(index)
         if self.source is not None:
             self.source.select(index)
         return self
@@ -110,7 +118,8 @@ class PopulationState:
         """A new state of members ``indices``; this one is left as it is (its tensors are not shared)."""
         index = as_index(indices, self.n, self.device)
         population = self.population.take(index)
-        taken = PopulationState(population, self.optimizer.take(index, population))
+        scaler = self.loss_scaler.take(index) if self.loss_scaler is not None else None
+        taken = PopulationState(population, self.optimizer.take(index, population), loss_scaler=scaler)
         taken.loss_hparams = {name: values.index_select(0, index) for name, values in self.loss_hparams.items()}
         taken.active = None if self.active is None else self.active.index_select(0, index)
         if self.source is not None:
@@ -126,6 +135,7 @@ class PopulationState:
             "optimizer": self.optimizer.state_dict(),
             "loss_hparams": dict(self.loss_hparams),
             "active": self.active,
+            "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
             "source": source,
         }
 
@@ -136,6 +146,12 @@ class PopulationState:
         self.loss_hparams = {name: values.to(self.device) for name, values in state.get("loss_hparams", {}).items()}
         active = state.get("active")
         self.active = None if active is None else active.to(self.device)
+        if self.loss_scaler is not None:  # fp16: the saved scales, or fresh ones for a state saved without
+            saved = state.get("loss_scaler")
+            if saved is not None:
+                self.loss_scaler.load_state_dict(saved)
+            else:
+                self.loss_scaler.reset(self.n)
         if state.get("source") is not None:
             if self.source is not None:
                 self.source.load_state_dict(state["source"])

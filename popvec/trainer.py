@@ -25,6 +25,7 @@ from popvec.checkpoint import CheckpointError, load_checkpoint, rng_state, save_
 from popvec.engine import LossFn, TrainStep, evaluate
 from popvec.loaders import DeviceLoader, as_source
 from popvec.population import IndexLike, Population, as_index, as_mask, finite_members
+from popvec.precision import LossScaler, check_precision
 from popvec.selection import Decision, MetricsTable, SelectionPolicy, SuccessiveHalving, as_decision, check_reduce_factor
 from popvec.state import PopulationState
 
@@ -77,6 +78,9 @@ class PopulationTrainer:
     ``console``, its live bar shown when ``progress``). ``randomness`` is vmap's (``"different"``:
     independent dropout masks per member; ``"same"``: shared masks, needed by in-place random draws
     such as stochastic depth); the first step of each batch shape is preflighted for a clear error.
+    ``precision`` (``"fp32"``, ``"bf16"``, ``"fp16"``) applies to training and evaluation (see
+    :mod:`popvec.precision`); with fp16 each member's loss scale is part of the state
+    (``trainer.state.loss_scaler``), and a step it skipped on overflow is not a divergence.
     """
 
     def __init__(
@@ -93,13 +97,18 @@ class PopulationTrainer:
         loss_hparams: Mapping[str, optim.HParam] | None = None,
         callbacks: Sequence[Callback] | None = None,
         randomness: str = "different",
+        precision: str = "fp32",
     ) -> None:
-        self.state = PopulationState(population, optimizer, loss_hparams)
+        self.precision = check_precision(precision)
+        scaler = LossScaler(population.n, population.device) if self.precision == "fp16" else None
+        self.state = PopulationState(population, optimizer, loss_hparams, loss_scaler=scaler)
         self.loss_fn = loss_fn
         self.eval_batch_size = checks.integer("eval_batch_size", eval_batch_size)
         self.console = console or Console()
         self.callbacks: list[Callback] = list(callbacks) if callbacks is not None else [ConsoleReporter(self.console, progress)]
-        self._train_step = TrainStep(population, optimizer, loss_fn, compile, cuda_graph, member_chunk_size, randomness)
+        self._train_step = TrainStep(
+            population, optimizer, loss_fn, compile, cuda_graph, member_chunk_size, randomness, self.precision, scaler
+        )
         self.global_step = 0
         self.member_steps = 0
         self.samples_seen = 0
@@ -168,7 +177,7 @@ class PopulationTrainer:
         if y is not None:
             data = (data, y)
         batch = self.eval_batch_size if batch_size is None else checks.integer("batch_size", batch_size)
-        return evaluate(self.population, data, self.loss_fn, batch)
+        return evaluate(self.population, data, self.loss_fn, batch, precision=self.precision)
 
     def select(self, indices: IndexLike) -> None:
         """Keep, reorder or copy members: every per-member field of the state follows (one index)."""
@@ -517,6 +526,7 @@ class MultipleInitializationsTrainer:
     not Hyperband's ``reduction_factor``, the integer eta a rung *divides* by.
     With ``memory_check``, ``train`` first refuses a ``num_models`` that cannot fit on ``device``
     (:class:`~popvec.memory.PopulationTooLarge`, one member probed; see :mod:`popvec.memory`).
+    ``precision``: ``"fp32"``, ``"bf16"`` or ``"fp16"`` for training and evaluation (see :mod:`popvec.precision`).
     """
 
     def __init__(
@@ -534,8 +544,10 @@ class MultipleInitializationsTrainer:
         member_chunk_size: int | None = None,
         callbacks: Sequence[Callback] = (),
         memory_check: bool = True,
+        precision: str = "fp32",
     ) -> None:
         checks.integer("num_models", num_models)
+        self.precision = check_precision(precision)
         checks.integer("num_elim_steps", num_elim_steps)
         check_reduce_factor(reduce_factor)
         checks.model_fn("model_fn", model_fn)
@@ -579,6 +591,7 @@ class MultipleInitializationsTrainer:
             console=self.console,
             member_chunk_size=self.member_chunk_size,
             callbacks=[ConsoleReporter(self.console, self.progress), *self.callbacks],
+            precision=self.precision,
         )
         return self.trainer
 

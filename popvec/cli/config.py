@@ -18,6 +18,7 @@ from popvec.cli.argtypes import nonnegative_float, positive_float, positive_int,
 from popvec.cli.flags import flag
 from popvec.data import DATASET_NAMES
 from popvec.models import MODEL_NAMES
+from popvec.precision import PRECISIONS
 
 __all__ = [
     "DataFlags",
@@ -26,6 +27,7 @@ __all__ = [
     "OptimizerFlags",
     "OutFlags",
     "PlotFlags",
+    "PrecisionFlags",
     "RunFlags",
     "SeedFlags",
     "config",
@@ -59,6 +61,17 @@ class DataFlags:
 class DeviceFlags:
     TITLE: ClassVar[str] = "device"
     device: str = flag("auto", "auto (cuda if present), cpu, cuda, cuda:1, ...", parse=device_name, resume_may_change=True)
+
+
+@config
+class PrecisionFlags:
+    TITLE: ClassVar[str] = "device"
+    precision: str = flag(
+        "fp32",
+        "fp32, or autocast to bf16 / fp16 (fp16: a dynamic loss scale per member) for training and evaluation; weights stay fp32",
+        choices=PRECISIONS,
+        missing_ok=True,  # runs saved before the flag existed trained in fp32
+    )
 
 
 @config

@@ -36,7 +36,9 @@ class Flag:
     ``parse`` turns the flag's text into the value (raising ``ArgumentTypeError``); ``choices``
     lists the allowed words; ``aliases`` are other visible spellings, ``hidden_aliases`` old ones
     kept working but left out of ``--help``; ``repeat`` collects a repeatable flag into a tuple;
-    ``resume_may_change`` lets ``--resume`` take the flag (settings that do not change the result).
+    ``resume_may_change`` lets ``--resume`` take the flag (settings that do not change the result);
+    ``missing_ok``: a ``config.json`` written before the setting existed may lack it, and then holds
+    its default (which must be what those runs did).
     """
 
     help: str
@@ -48,6 +50,7 @@ class Flag:
     positional: bool = False
     repeat: bool = False
     resume_may_change: bool = False
+    missing_ok: bool = False
 
 
 def flag(default: Any = dataclasses.MISSING, help: str = "", **spec: Any) -> Any:
@@ -177,10 +180,10 @@ def from_json(cls: type[C], path: str | Path) -> C:
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r} (not a setting of {getattr(cls, 'COMMAND', cls.__name__)})")
-    missing = [k for k in fields if k not in data]
+    missing = [k for k in fields if k not in data and not spec_of(fields[k]).missing_ok]
     if missing:
         raise ConfigError(f"{path}: missing key {missing[0]!r}")
-    return cls(**{name: _checked(fields[name], _freeze(data[name]), path) for name in fields})
+    return cls(**{name: _checked(fields[name], _freeze(data[name]), path) for name in fields if name in data})
 
 
 def _checked(field: dataclasses.Field[Any], value: Any, path: str | Path) -> Any:

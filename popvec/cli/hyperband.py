@@ -17,6 +17,7 @@ from popvec.cli.config import (
     DeviceFlags,
     OptimizerFlags,
     PlotFlags,
+    PrecisionFlags,
     RunFlags,
     SeedFlags,
     config,
@@ -37,7 +38,7 @@ LIBRARY_NAMES = ("max_t", "grace_period", "reduction_factor", "brackets", "unit_
 
 
 @config
-class HyperbandConfig(SearchFlags, DataFlags, OptimizerFlags, SeedFlags, DeviceFlags, PlotFlags, RunFlags):
+class HyperbandConfig(SearchFlags, DataFlags, OptimizerFlags, SeedFlags, PrecisionFlags, DeviceFlags, PlotFlags, RunFlags):
     """``popvec hyperband``: the brackets, how long a resource unit is, and the rung rule."""
 
     COMMAND: ClassVar[str] = "hyperband"

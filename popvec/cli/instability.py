@@ -25,6 +25,7 @@ from popvec.cli.config import (
     HparamFlags,
     OptimizerFlags,
     PlotFlags,
+    PrecisionFlags,
     RunFlags,
     SeedFlags,
     config,
@@ -50,7 +51,7 @@ def k1_list(text: str) -> tuple[int, ...]:
 
 
 @config
-class InstabilityConfig(CurveFlags, DataFlags, OptimizerFlags, HparamFlags, SeedFlags, DeviceFlags, PlotFlags, RunFlags):
+class InstabilityConfig(CurveFlags, DataFlags, OptimizerFlags, HparamFlags, SeedFlags, PrecisionFlags, DeviceFlags, PlotFlags, RunFlags):
     """``popvec instability``: spawn steps, copies, and how the trunk and the copies train."""
 
     COMMAND: ClassVar[str] = "instability"
@@ -116,6 +117,7 @@ def run(config: InstabilityConfig, console: Console, resume: bool = False) -> in
                 on_step=on_step,
                 run_dir=out,
                 resume=resume,
+                precision=config.precision,
             )
         rows = [
             {

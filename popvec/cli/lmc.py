@@ -19,7 +19,7 @@ from torch import nn
 from popvec.checkpoint import CheckpointError, load_checkpoint
 from popvec.cli import common
 from popvec.cli.argtypes import integer
-from popvec.cli.config import DataFlags, DeviceFlags, OptimizerFlags, OutFlags, PlotFlags, config
+from popvec.cli.config import DataFlags, DeviceFlags, OptimizerFlags, OutFlags, PlotFlags, PrecisionFlags, config
 from popvec.cli.flags import as_dict, flag, override
 from popvec.data import DatasetSplits
 from popvec.models import build_model
@@ -38,7 +38,7 @@ class CurveFlags:
 
 
 @config
-class LMCConfig(CurveFlags, DataFlags, DeviceFlags, PlotFlags, OutFlags):
+class LMCConfig(CurveFlags, DataFlags, PrecisionFlags, DeviceFlags, PlotFlags, OutFlags):
     """``popvec lmc``: the two networks, where the curve is measured, and how finely."""
 
     COMMAND: ClassVar[str] = "lmc"
@@ -118,7 +118,15 @@ def run(config: LMCConfig, console: Console, resume: bool = False) -> int:
     )
     with common.run_folder(config) as out:
         result = lmc.interpolate(
-            a, b, split, config.alphas, bn=config.bn, bn_data=data.train, batch_size=config.batch_size, memory_check=False
+            a,
+            b,
+            split,
+            config.alphas,
+            bn=config.bn,
+            bn_data=data.train,
+            batch_size=config.batch_size,
+            memory_check=False,
+            precision=config.precision,
         )
         console.print(
             _curve_table(result, f"{config.a} -> {config.b} ({config.model} on {data.name} {config.split}, {len(split)} samples)")

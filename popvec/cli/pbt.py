@@ -17,6 +17,7 @@ from popvec.cli.config import (
     DeviceFlags,
     OptimizerFlags,
     PlotFlags,
+    PrecisionFlags,
     RunFlags,
     SeedFlags,
     config,
@@ -36,7 +37,7 @@ LIBRARY_NAMES = ("num_models", "perturbation_interval", "quantile_fraction")
 
 
 @config
-class PBTConfig(SearchFlags, DataFlags, OptimizerFlags, SeedFlags, DeviceFlags, PlotFlags, RunFlags):
+class PBTConfig(SearchFlags, DataFlags, OptimizerFlags, SeedFlags, PrecisionFlags, DeviceFlags, PlotFlags, RunFlags):
     """``popvec pbt``: how many members, how often they exploit/explore, and for how long."""
 
     COMMAND: ClassVar[str] = "pbt"

@@ -140,7 +140,7 @@ def run_search(
                 model_fn, space, data.train, data.val, data.test,
                 optimizer=config.optimizer, batch_size=config.batch_size, seed=config.seed, device=device,
                 early_stopping=early_stopping(config), console=console, progress=not config.no_progress,
-                run_dir=out, resume=resume, **specific,
+                run_dir=out, resume=resume, precision=config.precision, **specific,
             )  # fmt: skip
         except CheckpointError as err:  # a corrupted checkpoint: its own line, the path left as it is
             raise UsageError(one_line(err)) from None

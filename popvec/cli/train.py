@@ -32,6 +32,7 @@ from popvec.cli.config import (
     DeviceFlags,
     HparamFlags,
     OptimizerFlags,
+    PrecisionFlags,
     RunFlags,
     SeedFlags,
     config,
@@ -48,7 +49,7 @@ __all__ = ["TrainConfig", "add_train_arguments", "register", "run"]
 
 
 @config
-class TrainConfig(DataFlags, OptimizerFlags, HparamFlags, SeedFlags, DeviceFlags, RunFlags):
+class TrainConfig(DataFlags, OptimizerFlags, HparamFlags, SeedFlags, PrecisionFlags, DeviceFlags, RunFlags):
     """``popvec train``: the Multiple Initializations framework's flags (same names) plus popvec's."""
 
     COMMAND: ClassVar[str] = "train"
@@ -174,6 +175,7 @@ def _run_one(
         member_chunk_size=config.member_chunk_size,
         memory_check=False,  # checked above, naming the flags
         callbacks=[HistoryLogger(out)],  # history.json and rounds.csv after every round
+        precision=config.precision,
     )
     console.print(
         f"popvec train: {config.num_models} x {config.model} on {data.name} ({len(data.train)} train / {len(data.val)} val / "
@@ -181,7 +183,7 @@ def _run_one(
     )
     winner = trainer.train(train_loader, data.val, num_epochs=config.epochs, checkpoint_dir=out, resume=resume)
     history = trainer.history
-    test = evaluate(Population.from_modules([winner]), data.test)
+    test = evaluate(Population.from_modules([winner]), data.test, precision=config.precision)
     winner_id = int(trainer.population.ids[0])
     summary = {
         "winner_id": winner_id,

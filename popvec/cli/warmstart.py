@@ -35,6 +35,7 @@ from popvec.cli.config import (
     HparamFlags,
     OptimizerFlags,
     PlotFlags,
+    PrecisionFlags,
     RunFlags,
     SeedFlags,
     config,
@@ -57,7 +58,7 @@ __all__ = ["WarmstartConfig", "build_arms", "plot_result", "register", "run", "s
 
 
 @config
-class WarmstartConfig(DataFlags, OptimizerFlags, HparamFlags, SeedFlags, DeviceFlags, PlotFlags, RunFlags):
+class WarmstartConfig(DataFlags, OptimizerFlags, HparamFlags, SeedFlags, PrecisionFlags, DeviceFlags, PlotFlags, RunFlags):
     """``popvec warmstart``: the protocol, the arms, and when a phase ends."""
 
     COMMAND: ClassVar[str] = "warmstart"
@@ -180,6 +181,7 @@ def run(config: WarmstartConfig, console: Console, resume: bool = False) -> int:
                     on_step=on_step,
                     on_phase_end=on_phase_end,
                     run_dir=out,
+                    precision=config.precision,
                     resume=resume,
                 )
             except ValueError as err:  # settings that do not fit the data (e.g. --chunk-size larger than the set)

@@ -108,6 +108,10 @@ class TorchOptimizer:
             p.grad = None
         return norms
 
+    def mask_problem(self) -> str | None:
+        """Why a masked step of this optimizer would not be exact per member (it then raises), or None."""
+        return _mask_problem(self.optimizer)
+
     def _params(self) -> list[Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
@@ -120,7 +124,7 @@ class TorchOptimizer:
         RMSprop, and Adagrad without ``lr_decay``. Others raise; use ``popvec.optim.Adam``/``AdamW``
         (per-member step counts) instead.
         """
-        problem = _mask_problem(self.optimizer)
+        problem = self.mask_problem()
         if problem:
             raise ValueError(f"mask: {problem}")
         mask = as_mask(mask, self.n, self.population.device)

@@ -36,6 +36,7 @@ from torch import nn
 from popvec import checks
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
+from popvec.precision import check_precision
 from popvec.search.early_stopping import EarlyStopping
 from popvec.search.run import FinishedRuns, SearchReporter, SearchResult, checkpoint_file, cost_line, finish_run, make_trainer, resume_from
 from popvec.search.space import SearchSpace
@@ -313,6 +314,7 @@ def hyperband(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
+    precision: str = "fp32",
 ) -> SearchResult:
     """Run Hyperband over ``space`` on ``train`` (a device-resident split), ranking by ``metric`` on ``val``.
 
@@ -324,9 +326,11 @@ def hyperband(
     continues from that checkpoint (or starts over when there is none yet) and ends as an
     uninterrupted run would (call with the same arguments); one bracket after another, it skips the
     brackets already finished. Returns the history (rounds, bracket table, cost), the survivors
-    ranked (with ``test`` accuracy when given) and the winner as a plain module.
+    ranked (with ``test`` accuracy when given) and the winner as a plain module. ``precision``:
+    ``"fp32"``, ``"bf16"`` or ``"fp16"`` for training and evaluation (see :mod:`popvec.precision`).
     """
     console = console or Console()
+    check_precision(precision)
     table = hyperband_brackets(max_t, grace_period, reduction_factor, brackets, max_resource=max_resource, min_resource=min_resource)
     checks.integer("unit_steps", unit_steps)
     checks.integer("batch_size", batch_size)
@@ -374,6 +378,7 @@ def hyperband(
             ids=ids,
             seed_offset=offset,
             callbacks=[finished, *reporters],
+            precision=precision,
         )
         if resume and index == first:
             resume_from(trainer, path)

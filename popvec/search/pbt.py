@@ -30,6 +30,7 @@ from torch import nn
 from popvec import checks
 from popvec.data import TensorSplit
 from popvec.loaders import DeviceLoader
+from popvec.precision import check_precision
 from popvec.search.early_stopping import EarlyStopping
 from popvec.search.run import SearchReporter, SearchResult, checkpoint_file, cost_line, finish_run, make_trainer, resume_from
 from popvec.search.space import SearchSpace
@@ -173,6 +174,7 @@ def pbt(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
+    precision: str = "fp32",
 ) -> SearchResult:
     """Run PBT with ``num_models`` members sampled from ``space`` for ``steps`` steps.
 
@@ -183,9 +185,11 @@ def pbt(
     of :class:`~popvec.search.early_stopping.EarlyStopping` (members it eliminates are not replaced).
     ``run_dir``: checkpoint into ``run_dir / "checkpoint.pt"`` at every perturbation; ``resume=True``
     continues from that checkpoint (or starts over when there is none yet) and ends as an
-    uninterrupted run would (call with the same arguments).
+    uninterrupted run would (call with the same arguments). ``precision``: ``"fp32"``, ``"bf16"``
+    or ``"fp16"`` for training and evaluation (see :mod:`popvec.precision`).
     """
     console = console or Console()
+    check_precision(precision)
     if population is not None:
         if num_models != 16 and num_models != population:
             raise ValueError(f"num_models and population name the same setting; got {num_models} and {population}")
@@ -212,7 +216,7 @@ def pbt(
     values = space.sample(num_models, seed)
     torch.manual_seed(seed)  # dropout and every other draw follow the seed (resume restores the saved RNG)
     reporters = [PBTReporter(console, metric, descending, space.names)] if progress else []
-    trainer = make_trainer(model_fn, values, optimizer, seed, device, console, progress, callbacks=reporters)
+    trainer = make_trainer(model_fn, values, optimizer, seed, device, console, progress, callbacks=reporters, precision=precision)
     console.print(
         f"PBT: {num_models} members, {steps} steps, perturbation every {perturbation_interval} steps, quantile "
         f"{quantile_fraction}, resample probability {resample_probability}"

@@ -70,12 +70,14 @@ def make_trainer(
     ids: Sequence[int] | None = None,
     seed_offset: int = 0,
     callbacks: Sequence[Callback] = (),
+    precision: str = "fp32",
 ) -> PopulationTrainer:
     """A trainer over ``len(values[...])`` members, member j initialized with ``seed + seed_offset + j``
     and trained with the hyperparameters ``values[name][j]``; ids ``ids`` (default ``0..n-1``).
 
     Its callbacks: a :class:`~popvec.callbacks.ConsoleReporter` (the progress bar, no round tables),
-    then ``callbacks`` (a runner's :class:`SearchReporter`, its :class:`FinishedRuns`, ...)."""
+    then ``callbacks`` (a runner's :class:`SearchReporter`, its :class:`FinishedRuns`, ...).
+    ``precision``: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :mod:`popvec.precision`)."""
     n = len(next(iter(values.values())))
     population = Population.from_factory(model_fn, n, seed + seed_offset, device)
     if ids is not None:
@@ -83,7 +85,13 @@ def make_trainer(
     opt, loss_hparams = build_optimizer(optimizer, population, values)
     reporter = ConsoleReporter(console, progress, round_tables=False)  # the runners print one line per decision instead
     return PopulationTrainer(
-        population, opt, loss_fn=cross_entropy, console=console, loss_hparams=loss_hparams, callbacks=[reporter, *callbacks]
+        population,
+        opt,
+        loss_fn=cross_entropy,
+        console=console,
+        loss_hparams=loss_hparams,
+        callbacks=[reporter, *callbacks],
+        precision=precision,
     )
 
 
@@ -98,7 +106,7 @@ def leaderboard(
     """The trainer's current members evaluated on ``val_data`` (and ``test_data``), best first,
     each with its hyperparameters (and ``extra[id]`` columns, e.g. its bracket)."""
     table: MetricsTable = trainer.checked_table(val_data)  # diverged members: NaN metrics, ranked last
-    test = evaluate(trainer.population, test_data, trainer.loss_fn) if test_data is not None else None
+    test = evaluate(trainer.population, test_data, trainer.loss_fn, precision=trainer.precision) if test_data is not None else None
     rows = []
     for place, p in enumerate(rank(table, metric, descending)):
         member = table.ids[p]

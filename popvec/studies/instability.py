@@ -216,6 +216,7 @@ def instability(
     on_step: StepCallback | None = None,
     resume: bool = False,
     checkpoint_every: int = 100,
+    precision: str = "fp32",
 ) -> InstabilityResult:
     """Instability analysis (Frankle et al. 2020): how the barrier between spawned copies depends on k1.
 
@@ -243,6 +244,8 @@ def instability(
     checkpointed at every k1 (``trunk.pt``) and the branches every ``checkpoint_every`` steps
     (``branches.pt``); ``resume=True`` continues from those files (or starts over when there are
     none yet) and ends with the same branches, bit for bit on the CPU, as an uninterrupted run.
+    ``precision``: ``"fp32"``, ``"bf16"`` or ``"fp16"`` for training and the barriers (see
+    :mod:`popvec.precision`; with fp16 the copies start from fresh loss scales).
     """
     k1 = _check_k1(k1_values)
     checks.integer("k2", k2, 0)
@@ -274,14 +277,14 @@ def instability(
         optimizer = optimizer_fn(population)
         if not isinstance(optimizer, optim.PopulationOptimizer) or optimizer.population is not population:
             raise TypeError("optimizer_fn must return a popvec optimizer (e.g. popvec.optim.SGD) built on the population it is given")
-        spec = path_evaluation(population.skeleton, train if eval_data is None else eval_data, loss_fn, bn, train, 1024, None)
+        spec = path_evaluation(population.skeleton, train if eval_data is None else eval_data, loss_fn, bn, train, 1024, None, precision)
         branches_path = folder / BRANCHES_CHECKPOINT if folder is not None else None
-        trainer = PopulationTrainer(population, optimizer, loss_fn, callbacks=[])
+        trainer = PopulationTrainer(population, optimizer, loss_fn, callbacks=[], precision=precision)
         if resume and branches_path is not None and branches_path.is_file():
             trainer.load_checkpoint(branches_path)  # the branches' whole state (N = len(k1) * copies)
         else:
             snapshots = _train_trunk(trainer, train, batch_size, trunk_seeds, k1, folder, resume, on_step)
-            trainer = PopulationTrainer(population, optimizer, loss_fn, callbacks=[])
+            trainer = PopulationTrainer(population, optimizer, loss_fn, callbacks=[], precision=precision)
             trainer.state.load_state_dict(
                 {
                     "population": _stack_states([s["population"] for s in snapshots]),
@@ -361,7 +364,11 @@ def _instability_result(
     loss_barrier, error_barrier, l2 = (
         v.view(groups, -1).mean(1) for v in pair_barriers(population, first, second, alphas, spec, pair_chunk_size)
     )
-    error = (1.0 - evaluate(population, spec.data, spec.loss_fn, spec.batch_size)["accuracy"].cpu()).view(groups, copies).mean(1)
+    error = (
+        (1.0 - evaluate(population, spec.data, spec.loss_fn, spec.batch_size, precision=spec.precision)["accuracy"].cpu())
+        .view(groups, copies)
+        .mean(1)
+    )
     per_seed = {c: v.view(len(k1), trunks).T.contiguous() for c, v in zip(COLUMNS, (loss_barrier, error_barrier, l2, error))}
     loss_mean, error_barrier_mean, l2_mean, error_mean = (per_seed[c].mean(0) for c in COLUMNS)
     return InstabilityResult(k1, k2, copies, loss_mean, error_barrier_mean, l2_mean, error_mean, population, seeds, per_seed)

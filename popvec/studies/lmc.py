@@ -173,6 +173,7 @@ def interpolate(
     batch_size: int = 1024,
     member_chunk_size: int | None = None,
     memory_check: bool = True,
+    precision: str = "fp32",
 ) -> InterpolationResult:
     """Loss and error along ``w(alpha) = (1 - alpha) * w_a + alpha * w_b``, all alphas in one vmapped pass.
 
@@ -185,6 +186,8 @@ def interpolate(
     ``"keep"`` evaluates with interpolated statistics. ``member_chunk_size`` bounds how many of
     the K networks run at once (their activations; all K are built). With ``memory_check``, K
     networks that cannot fit are refused first (:class:`~popvec.memory.PopulationTooLarge`).
+    ``precision``: ``"bf16"``/``"fp16"`` evaluate (and recompute statistics) under autocast
+    (see :mod:`popvec.precision`).
     """
     pa, pb = _as_member(a, "a"), _as_member(b, "b")
     problem = architecture_mismatch(pa.skeleton, pb.skeleton)
@@ -193,7 +196,7 @@ def interpolate(
     if pa.device != pb.device:
         raise ValueError(f"b must be on the same device as a: {pb.device} vs {pa.device}")
     requested = as_alphas(alphas)
-    spec = path_evaluation(pa.skeleton, data, loss_fn, bn, bn_data, batch_size, member_chunk_size)
+    spec = path_evaluation(pa.skeleton, data, loss_fn, bn, bn_data, batch_size, member_chunk_size, precision)
     full, keep = alpha_grid(requested)
     if memory_check:
         _preflight(pa, pb, full.numel(), spec, f"alphas={full.numel()}", "member_chunk_size")
@@ -249,6 +252,7 @@ def barrier_matrix(
     batch_size: int = 1024,
     pair_chunk_size: int = 8,
     member_chunk_size: int | None = None,
+    precision: str = "fp32",
 ) -> BarrierMatrix:
     """Loss/error barriers between all N(N-1)/2 pairs of members, as ``[N, N]`` matrices.
 
@@ -259,7 +263,7 @@ def barrier_matrix(
     if population.n < 2:
         raise ValueError(f"population must have at least 2 members, got {population.n}")
     requested = as_alphas(alphas)
-    spec = path_evaluation(population.skeleton, data, loss_fn, bn, bn_data, batch_size, member_chunk_size)
+    spec = path_evaluation(population.skeleton, data, loss_fn, bn, bn_data, batch_size, member_chunk_size, precision)
     first, second = torch.triu_indices(population.n, population.n, offset=1)
     barriers = pair_barriers(population, first, second, requested, spec, pair_chunk_size)
     loss, error, l2 = (_symmetric(population.n, first, second, v) for v in barriers)

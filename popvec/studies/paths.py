@@ -24,6 +24,7 @@ from popvec import checks
 from popvec.engine import LossFn, evaluate
 from popvec.loaders import iterate_batches
 from popvec.population import Population, finite_members
+from popvec.precision import check_precision, under_autocast
 from popvec.studies.shortcut import chunks_itself, evaluate_shortcut
 
 __all__ = [
@@ -171,7 +172,8 @@ def recompute_batchnorm(
 @dataclass(frozen=True)
 class PathEvaluation:
     """How every network on a path is evaluated: on ``data`` with ``loss_fn``, BatchNorm statistics
-    recomputed over ``bn_data`` or not, in batches of ``batch_size``, ``member_chunk_size`` networks at once."""
+    recomputed over ``bn_data`` or not, in batches of ``batch_size``, ``member_chunk_size`` networks at once,
+    in ``precision`` (``"bf16"``/``"fp16"``: under autocast, statistics recomputed likewise)."""
 
     data: Any
     loss_fn: LossFn
@@ -179,6 +181,7 @@ class PathEvaluation:
     bn_data: Any
     batch_size: int
     member_chunk_size: int | None
+    precision: str = "fp32"
 
     @property
     def bn(self) -> str:
@@ -187,7 +190,14 @@ class PathEvaluation:
 
 
 def path_evaluation(
-    skeleton: nn.Module, data: Any, loss_fn: LossFn, bn: str, bn_data: Any, batch_size: int, member_chunk_size: int | None
+    skeleton: nn.Module,
+    data: Any,
+    loss_fn: LossFn,
+    bn: str,
+    bn_data: Any,
+    batch_size: int,
+    member_chunk_size: int | None,
+    precision: str = "fp32",
 ) -> PathEvaluation:
     """The checked :class:`PathEvaluation` for a model like ``skeleton``: ``bn`` (one of :data:`BN_MODES`)
     resolved to recompute or keep (``"auto"`` recomputes when the model has BatchNorm running statistics)."""
@@ -199,7 +209,7 @@ def path_evaluation(
             "bn_data (training batches) is required to recompute BatchNorm running statistics "
             "(bn='recompute', the default for BatchNorm models); pass bn_data=... or bn='keep'"
         )
-    return PathEvaluation(data, loss_fn, recompute, bn_data, batch_size, member_chunk_size)
+    return PathEvaluation(data, loss_fn, recompute, bn_data, batch_size, member_chunk_size, check_precision(precision))
 
 
 def evaluate_paths(
@@ -208,7 +218,7 @@ def evaluate_paths(
     """Loss and error ``[P, K]`` (CPU) along the P paths ``a[p] -> b[p]`` at ``alphas`` ``[K]``: one population of P * K.
 
     A single path (P = 1) is evaluated through the first-layer shortcut where it applies (see
-    :mod:`popvec.studies.shortcut`; ``shortcut=False`` never): the third value says whether it was.
+    :mod:`popvec.studies.shortcut`; ``shortcut=False`` never, nor in bf16/fp16): the third value says whether it was.
     A network on a path whose parameters (or buffers) are not finite, or whose loss is not finite,
     gets loss and error NaN at that alpha (never an error computed from NaN outputs), with a
     warning naming the paths and alphas.
@@ -216,14 +226,15 @@ def evaluate_paths(
     grid = alphas.to(a.device)
     path = Population(a.skeleton, interpolate_stacks(a.params, b.params, grid), interpolate_stacks(a.buffers, b.buffers, grid))
     if spec.recompute:
-        path.buffers = recompute_batchnorm(path, spec.bn_data, spec.batch_size, spec.member_chunk_size)
+        recompute = under_autocast(recompute_batchnorm, path.device.type, spec.precision)
+        path.buffers = recompute(path, spec.bn_data, spec.batch_size, spec.member_chunk_size)
     metrics, data = None, spec.data
-    if shortcut and a.n == 1 and all(bool(finite_members({**e.params, **e.buffers}).all()) for e in (a, b)):
+    if shortcut and spec.precision == "fp32" and a.n == 1 and all(bool(finite_members({**e.params, **e.buffers}).all()) for e in (a, b)):
         # (not with a non-finite end: the shortcut mixes both ends' activations, NaN at every alpha)
         metrics, data = evaluate_shortcut(path, a, b, grid, spec.data, spec.loss_fn, spec.batch_size, spec.member_chunk_size)
     used = metrics is not None
     if metrics is None:
-        metrics = evaluate(path, data, spec.loss_fn, spec.batch_size, spec.member_chunk_size)
+        metrics = evaluate(path, data, spec.loss_fn, spec.batch_size, spec.member_chunk_size, spec.precision)
     shape = (a.n, alphas.numel())
     loss, error = metrics["loss"].cpu().view(shape), (1.0 - metrics["accuracy"]).cpu().view(shape)
     bad = ~finite_members({**path.params, **path.buffers}).cpu().view(shape) | ~torch.isfinite(loss)

@@ -357,6 +357,7 @@ def run_study(
     on_phase_end: Callable[[PhaseRecord], None] | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
+    precision: str = "fp32",
 ) -> WarmStartResult:
     """Run a warm-starting study; every arm has ``replicates`` members.
 
@@ -374,7 +375,8 @@ def run_study(
     ``run_dir``: write a checkpoint there (``checkpoint.pt``) at every decision and at the end of
     every phase. ``resume=True`` continues from ``run_dir``'s checkpoint (or starts over when
     there is none) to the same weights and records (wall times aside) as an uninterrupted run; the
-    checkpoint must come from a study with the same settings.
+    checkpoint must come from a study with the same settings. ``precision``: ``"fp32"``,
+    ``"bf16"`` or ``"fp16"`` for training and evaluation (see :mod:`popvec.precision`).
     """
     arms = list(default_arms() if arms is None else arms)
     if not arms:
@@ -422,7 +424,7 @@ def run_study(
     )
     recorder = PhaseRecorder({**result.config, "arms": [asdict(a) for a in arms]}, on_step)
     opt = build_optimizer(pop, optimizer, lr, momentum, weight_decay)
-    trainer = PopulationTrainer(pop, opt, callbacks=[recorder])
+    trainer = PopulationTrainer(pop, opt, callbacks=[recorder], precision=precision)
     checkpoint = Path(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
 
     def new_policy(phase: int) -> ThresholdStop:
