@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
-from popvec import checks, diagnose
+from popvec import checks, chunking, diagnose
 from popvec.optim import Optimizer, grad_norm
 from popvec.population import Population, as_mask, check_batch
 
@@ -39,7 +39,8 @@ def make_grad_fn(
     ``[N, B, ...]`` per member (likewise ``y``); ``grads`` maps trainable names to ``[N, ...]`` and
     ``losses`` is ``[N]``. BatchNorm buffers are updated in place in train mode; dropout masks are
     independent per member. ``member_chunk_size`` runs the members in chunks of that many
-    (same results; on a CPU, small chunks keep activations in cache and avoid grouped convolutions).
+    (same results; on a CPU, small chunks keep activations in cache and avoid grouped convolutions;
+    chunks of 1 with ``randomness="different"`` run without vmap, see :mod:`popvec.chunking`).
     ``with_loss_hparams=True``: the function takes one more argument, a dict of ``[N]`` tensors
     (per-member loss hyperparameters such as label smoothing), and member i's loss is
     ``loss_fn(out, y, **{k: v[i]})`` (the values reach ``loss_fn`` as 0-d tensors).
@@ -55,6 +56,8 @@ def make_grad_fn(
         out = functional_call(skeleton, ({**trainable, **frozen}, buffers), (x.clone(),))
         return loss_fn(out, y)
 
+    if member_chunk_size == 1 and randomness == "different":
+        return chunking.member_loop_grad_fn(skeleton, loss_fn, per_member, with_loss_hparams)
     data_dim = 0 if per_member else None
     if with_loss_hparams:
 
@@ -129,7 +132,9 @@ class TrainStep:
     or any change of hyperparameter layout (a few eager warmup steps first).
     ``randomness`` is passed to vmap (see :func:`make_grad_fn`). Before the first step of each batch
     shape a :func:`preflight` (one tiny step on a slice) turns what vmap cannot batch into one clear
-    error naming the module and the fix.
+    error naming the module and the fix. ``member_chunk_size``: an integer, None (the whole stack) or
+    ``"auto"`` (the chunk size a short probe finds fastest on the CPU, cached per model, N and batch
+    shape; the whole stack elsewhere; see :mod:`popvec.chunking`).
     """
 
     warmup_steps = 2
@@ -141,10 +146,10 @@ class TrainStep:
         loss_fn: LossFn = F.cross_entropy,
         compile: bool = False,
         cuda_graph: bool | None = None,
-        member_chunk_size: int | None = None,
+        member_chunk_size: int | str | None = None,
         randomness: str = "different",
     ) -> None:
-        checks.optional_integer("member_chunk_size", member_chunk_size, 1)
+        checks.integer_or_auto("member_chunk_size", member_chunk_size)
         self.randomness = diagnose.check_randomness(randomness)
         self._preflown: set[tuple[Any, ...]] = set()
         self.population = population
@@ -153,7 +158,10 @@ class TrainStep:
         self.loss_fn = loss_fn
         self.compile = compile
         self.cuda_graph = cuda_graph
-        self._grad_fns: dict[tuple[bool, bool], Callable[..., Any]] = {}
+        self._grad_fns: dict[tuple[bool, bool, chunking.Choice], Callable[..., Any]] = {}
+        # the chunking in use: (chunk size, channels_last member loop); "auto" sets it per batch shape
+        self._chosen: dict[tuple[Any, ...], chunking.Choice] = {}
+        self._chunk: chunking.Choice = (None if member_chunk_size == chunking.AUTO else member_chunk_size, False)  # type: ignore[assignment]
         self._graph: _RecordedStep | None = None
         self._warm_key: tuple[Any, ...] | None = None
         self._warm_count = 0
@@ -163,11 +171,17 @@ class TrainStep:
         self.grad_norm_max: Tensor | None = None
 
     def _grad_fn(self, per_member: bool, with_loss_hparams: bool) -> Callable[..., Any]:
-        key = (per_member, with_loss_hparams)
+        key = (per_member, with_loss_hparams, self._chunk)
         if key not in self._grad_fns:
-            fn = make_grad_fn(self.population, self.loss_fn, per_member, self.member_chunk_size, with_loss_hparams, self.randomness)
+            fn = self._make_grad_fn(per_member, with_loss_hparams, self._chunk)
             self._grad_fns[key] = torch.compile(fn) if self.compile else fn
         return self._grad_fns[key]
+
+    def _make_grad_fn(self, per_member: bool, with_loss_hparams: bool, choice: chunking.Choice) -> Callable[..., Any]:
+        chunk, channels_last = choice
+        if channels_last:
+            return chunking.member_loop_grad_fn(self.population.skeleton, self.loss_fn, per_member, with_loss_hparams, channels_last=True)
+        return make_grad_fn(self.population, self.loss_fn, per_member, chunk, with_loss_hparams, self.randomness)
 
     def __call__(
         self,
@@ -193,6 +207,7 @@ class TrainStep:
         if shape_key not in self._preflown:  # once per batch shape: a clear error instead of a vmap one
             preflight(pop, x, y, self.loss_fn, per_member, loss_hparams, self.randomness)
             self._preflown.add(shape_key)
+        self._resolve_chunk(x, y, per_member, loss_hparams, (*shape_key, pop.n, x.dtype))
         if mask is not None:
             return self._masked_step(x, y, per_member, as_mask(mask, pop.n, pop.device), loss_hparams)
         if self._graphs_enabled(x):
@@ -211,6 +226,23 @@ class TrainStep:
             self.grad_norm_max = norms if self.grad_norm_max is None else torch.maximum(self.grad_norm_max, norms)
         self.last_grad_norm = self.optimizer.step(grads) if mask is None else self.optimizer.step(grads, mask=mask)
         return losses.detach()
+
+    def _resolve_chunk(self, x: Tensor, y: Tensor, per_member: bool, loss_hparams: dict[str, Tensor], key: tuple[Any, ...] = ()) -> None:
+        """Set the chunk size of this step: as given, or for "auto" the probe's (cached) choice."""
+        if self.member_chunk_size != chunking.AUTO:
+            return
+        if key and key in self._chosen:  # this batch shape and N seen before: no signature to rebuild
+            self._chunk = self._chosen[key]
+            return
+
+        def factory(choice: chunking.Choice) -> Callable[..., Any]:
+            return self._make_grad_fn(per_member, bool(loss_hparams), choice)
+
+        self._chunk = chunking.resolve_chunk_size(
+            chunking.AUTO, self.population, factory, x, y, per_member, loss_hparams, (self.loss_fn,), self.randomness
+        )
+        if key:
+            self._chosen[key] = self._chunk
 
     def _masked_step(self, x: Tensor, y: Tensor, per_member: bool, mask: Tensor, loss_hparams: dict[str, Tensor]) -> Tensor:
         """An eager step whose masked members' buffers are restored (the optimizer restores the rest)."""

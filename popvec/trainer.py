@@ -89,7 +89,7 @@ class PopulationTrainer:
         console: Console | None = None,
         progress: bool = True,
         cuda_graph: bool | None = None,
-        member_chunk_size: int | None = None,
+        member_chunk_size: int | str | None = None,
         loss_hparams: Mapping[str, optim.HParam] | None = None,
         callbacks: Sequence[Callback] | None = None,
         randomness: str = "different",
@@ -518,7 +518,7 @@ class MultipleInitializationsTrainer:
         compile: bool = False,
         console: Console | None = None,
         progress: bool = True,
-        member_chunk_size: int | None = None,
+        member_chunk_size: int | str | None = None,
         callbacks: Sequence[Callback] = (),
     ) -> None:
         checks.integer("num_models", num_models)

@@ -15,7 +15,7 @@ from rich.console import Console
 from popvec.callbacks import HistoryLogger
 from popvec.checkpoint import save_checkpoint
 from popvec.cli import common
-from popvec.cli.argtypes import open_unit, positive_int
+from popvec.cli.argtypes import open_unit, positive_int, positive_int_or_auto
 from popvec.cli.config import (
     DataFlags,
     DeviceFlags,
@@ -47,7 +47,9 @@ class TrainConfig(DataFlags, OptimizerFlags, HparamFlags, SeedFlags, DeviceFlags
     epochs: int = flag(10, "epochs of steps in total", parse=positive_int)
     per_member_data: bool = flag(False, "each member draws its own seeded batch order")
     compile: bool = flag(False, "torch.compile the vmapped step")
-    member_chunk_size: int | None = flag(None, "run members in chunks of this many (CPU: try 1)", parse=positive_int)
+    member_chunk_size: int | str | None = flag(
+        None, "run members in chunks of this many, or 'auto' (CPU: the fastest chunk size a short probe finds)", parse=positive_int_or_auto
+    )
     # LeNet-5: the model of the quickstart and of the documented results.
     model: str = override(DataFlags, "model", default="lenet5")
 
