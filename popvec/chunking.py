@@ -11,6 +11,11 @@ Every chunking gives the same results (float tolerance).
 ``member_chunk_size="auto"`` picks the chunk size per (model, N, batch shape, dtype): on the CPU
 by a short probe (:func:`probe_chunk_size`, cached in-process), on a GPU the whole stack (capped by
 a memory estimate once one is available: :func:`_memory_cap`).
+
+channels_last is not a candidate: on a 2-core Xeon (torch 2.14) it made the member loop 0.78x the
+time for ResNet-20 and 0.81x for VGGSmall (0.94x for LeNet-5), but its float32 convolution
+gradients were about 1% off (relative to float64), against 1e-6 in the default layout, in plain
+PyTorch as much as here: not the same results.
 """
 
 from __future__ import annotations
@@ -28,22 +33,20 @@ __all__ = ["AUTO", "member_loop_grad_fn", "probe_chunk_size", "resolve_chunk_siz
 AUTO = "auto"
 
 ChunkSize = int | str | None
-#: what "auto" chooses: the chunk size (None: the whole stack) and whether the member loop runs channels_last
-Choice = tuple[int | None, bool]
-GradFnFactory = Callable[[Choice], Callable[..., tuple[dict[str, Tensor], Tensor]]]
+GradFnFactory = Callable[[int | None], Callable[..., tuple[dict[str, Tensor], Tensor]]]
 
 #: the probe's choice per (model signature, N, batch shapes, dtypes, ...): measured once per process
-_CACHE: dict[tuple[Any, ...], Choice] = {}
+_CACHE: dict[tuple[Any, ...], int | None] = {}
 
 #: timed rounds over all candidates (after one warmup round); each one's fastest call counts
 PROBE_REPEATS = 3
 
 #: how much faster per member than the whole stack another chunking must measure to be chosen
-PROBE_MARGIN = 0.05
+PROBE_MARGIN = 0.15
 
 
 def member_loop_grad_fn(
-    skeleton: nn.Module, loss_fn: Callable[..., Tensor], per_member: bool, with_loss_hparams: bool, channels_last: bool = False
+    skeleton: nn.Module, loss_fn: Callable[..., Tensor], per_member: bool, with_loss_hparams: bool
 ) -> Callable[..., tuple[dict[str, Tensor], Tensor]]:
     """``grad_fn`` of :func:`popvec.engine.make_grad_fn` computed one member at a time, without vmap.
 
@@ -51,10 +54,7 @@ def member_loop_grad_fn(
     statistics are updated in place in the stack; its gradients come from ``torch.autograd.grad``
     (zeros for parameters the loss does not reach, as under vmap). Dropout draws an independent
     mask per member (vmap's ``randomness="different"``). Returns grads ``[N, ...]`` and losses ``[N]``.
-    ``channels_last``: each member's copy of an image batch ``[B, C, H, W]`` is made in channels_last
-    memory format (CPU convolutions then run in that layout; same results to float tolerance).
     """
-    layout = torch.channels_last if channels_last else torch.preserve_format
 
     def grad_fn(
         trainable: dict[str, Tensor],
@@ -74,7 +74,7 @@ def member_loop_grad_fn(
                 params = {**leaves, **{k: v[i] for k, v in frozen.items()}}
                 member_buffers = {k: v[i] for k, v in buffers.items()}
                 xi, yi = (x[i], y[i]) if per_member else (x, y)
-                out = functional_call(skeleton, (params, member_buffers), (xi.clone(memory_format=layout),))
+                out = functional_call(skeleton, (params, member_buffers), (xi.clone(),))
                 kwargs = {k: v[i] for k, v in loss_hparams.items()} if with_loss_hparams and loss_hparams else {}
                 loss = loss_fn(out, yi, **kwargs)
                 per_grads.append(torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True))
@@ -107,27 +107,23 @@ def _signature(
     )
 
 
-def _candidates(n: int, images: bool) -> list[tuple[Choice, int]]:
-    """(choice, members to time it on): the member loop (also channels_last for image batches), chunks
-    of 2, 4, ... below ``n``, then None (the whole stack)."""
-    out: list[tuple[Choice, int]] = [((1, False), 1)]
-    if images:
-        out.append(((1, True), 1))
+def _candidates(n: int) -> list[tuple[int | None, int]]:
+    """(chunk size, members to time it on): 1 (the member loop), 2, 4, ... below ``n``, then None (the whole stack)."""
+    out: list[tuple[int | None, int]] = [(1, 1)]
     c = 2
     while c < n:
-        out.append(((c, False), c))
+        out.append((c, c))
         c *= 2
-    return [*out, ((None, False), n)]
+    return [*out, (None, n)]
 
 
 def probe_chunk_size(
-    population: Any, factory: GradFnFactory, x: Tensor, y: Tensor, per_member: bool, loss_hparams: Mapping[str, Tensor], images: bool
-) -> Choice:
-    """The (chunk size, channels_last) whose gradient computation takes the least time per member.
+    population: Any, factory: GradFnFactory, x: Tensor, y: Tensor, per_member: bool, loss_hparams: Mapping[str, Tensor]
+) -> int | None:
+    """The chunk size whose gradient computation takes the least time per member (None: the whole stack).
 
-    Candidates: the member loop (chunks of 1, no vmap), the same in channels_last when ``images``
-    (4-d samples; measured faster for ResNet-20 and VGGSmall, slower for LeNet-5, on a CPU), vmapped
-    chunks of 2, 4, ... below N, and the whole stack (None). Candidate c is timed on one chunk of
+    Candidates: the member loop (chunks of 1, no vmap), vmapped chunks of 2, 4, ... below N, and the
+    whole stack (None). Candidate c is timed on one chunk of
     its own size (members ``[:c]``): chunks are independent, so the time per member of one chunk is
     that of the whole step in chunks of c. After one warmup call each, :data:`PROBE_REPEATS` rounds
     time every candidate once in turn (a change of load hits all alike); each candidate's fastest
@@ -139,7 +135,7 @@ def probe_chunk_size(
     n = population.n
     devices = [x.device] if x.is_cuda else []
     runs = []
-    for choice, c in _candidates(n, images):
+    for choice, c in _candidates(n):
         trainable = {k: population.params[k][:c] for k in population.trainable}
         frozen = {k: v[:c] for k, v in population.params.items() if k not in trainable}
         buffers = {k: v[:c].clone() for k, v in population.buffers.items()}
@@ -157,7 +153,7 @@ def probe_chunk_size(
                 if round > 0:  # round 0 is the warmup
                     best_s[choice] = min(best_s[choice], (time.perf_counter() - start) / c)
                 del grads, losses
-    whole = (None, False)
+    whole = None
     fastest = min(best_s, key=lambda k: best_s[k])
     return fastest if best_s[fastest] < (1 - PROBE_MARGIN) * best_s[whole] else whole
 
@@ -181,26 +177,25 @@ def resolve_chunk_size(
     loss_hparams: Mapping[str, Tensor],
     extra_key: tuple[Any, ...] = (),
     randomness: str = "different",
-) -> Choice:
-    """The chunk size (None: the whole stack) and layout (channels_last or not) to use for this step.
+) -> int | None:
+    """The chunk size (None: the whole stack) to use for this step.
 
-    An integer or None is returned as given (not channels_last). ``"auto"``: on the CPU the probe's
+    An integer or None is returned as given. ``"auto"``: on the CPU the probe's
     choice (measured once per process for each model signature, N, batch shapes and dtypes, thread
     count and ``extra_key``); on other devices the whole stack, capped by :func:`_memory_cap`.
     With ``randomness="same"`` the member loop is not a candidate (vmapped chunks only).
     """
     if member_chunk_size != AUTO:
-        return member_chunk_size, False  # type: ignore[return-value]
+        return member_chunk_size  # type: ignore[return-value]
     if population.device.type != "cpu":
         cap = _memory_cap(population, x, per_member)
-        return (None if cap is None or cap >= population.n else cap), False
+        return None if cap is None or cap >= population.n else cap
     key = _signature(population, x, y, per_member, loss_hparams, (*extra_key, randomness))
     if key not in _CACHE:
         if randomness != "different":
-            _CACHE[key] = (None, False)
+            _CACHE[key] = None
         else:
-            images = x.dim() == (5 if per_member else 4)
-            _CACHE[key] = probe_chunk_size(population, factory, x, y, per_member, loss_hparams, images)
+            _CACHE[key] = probe_chunk_size(population, factory, x, y, per_member, loss_hparams)
     return _CACHE[key]
 
 

@@ -158,10 +158,10 @@ class TrainStep:
         self.loss_fn = loss_fn
         self.compile = compile
         self.cuda_graph = cuda_graph
-        self._grad_fns: dict[tuple[bool, bool, chunking.Choice], Callable[..., Any]] = {}
-        # the chunking in use: (chunk size, channels_last member loop); "auto" sets it per batch shape
-        self._chosen: dict[tuple[Any, ...], chunking.Choice] = {}
-        self._chunk: chunking.Choice = (None if member_chunk_size == chunking.AUTO else member_chunk_size, False)  # type: ignore[assignment]
+        self._grad_fns: dict[tuple[bool, bool, int | None], Callable[..., Any]] = {}
+        # the chunk size in use; "auto" sets it per batch shape and N
+        self._chosen: dict[tuple[Any, ...], int | None] = {}
+        self._chunk: int | None = None if member_chunk_size == chunking.AUTO else member_chunk_size  # type: ignore[assignment]
         self._graph: _RecordedStep | None = None
         self._warm_key: tuple[Any, ...] | None = None
         self._warm_count = 0
@@ -173,15 +173,9 @@ class TrainStep:
     def _grad_fn(self, per_member: bool, with_loss_hparams: bool) -> Callable[..., Any]:
         key = (per_member, with_loss_hparams, self._chunk)
         if key not in self._grad_fns:
-            fn = self._make_grad_fn(per_member, with_loss_hparams, self._chunk)
+            fn = make_grad_fn(self.population, self.loss_fn, per_member, self._chunk, with_loss_hparams, self.randomness)
             self._grad_fns[key] = torch.compile(fn) if self.compile else fn
         return self._grad_fns[key]
-
-    def _make_grad_fn(self, per_member: bool, with_loss_hparams: bool, choice: chunking.Choice) -> Callable[..., Any]:
-        chunk, channels_last = choice
-        if channels_last:
-            return chunking.member_loop_grad_fn(self.population.skeleton, self.loss_fn, per_member, with_loss_hparams, channels_last=True)
-        return make_grad_fn(self.population, self.loss_fn, per_member, chunk, with_loss_hparams, self.randomness)
 
     def __call__(
         self,
@@ -235,8 +229,8 @@ class TrainStep:
             self._chunk = self._chosen[key]
             return
 
-        def factory(choice: chunking.Choice) -> Callable[..., Any]:
-            return self._make_grad_fn(per_member, bool(loss_hparams), choice)
+        def factory(chunk: int | None) -> Callable[..., Any]:
+            return make_grad_fn(self.population, self.loss_fn, per_member, chunk, bool(loss_hparams), self.randomness)
 
         self._chunk = chunking.resolve_chunk_size(
             chunking.AUTO, self.population, factory, x, y, per_member, loss_hparams, (self.loss_fn,), self.randomness

@@ -85,7 +85,7 @@ def test_probe_changes_nothing_and_is_cached(monkeypatch: pytest.MonkeyPatch) ->
     rng = torch.get_rng_state()
     step = TrainStep(pop, popvec.optim.SGD(pop, lr=0.1), member_chunk_size="auto")
     step._resolve_chunk(x, y, False, {})
-    assert step._chunk in ((1, False), (1, True), (2, False), (None, False))
+    assert step._chunk in (1, 2, None)
     assert torch.equal(torch.get_rng_state(), rng)
     for k, v in {**pop.params, **pop.buffers}.items():
         assert torch.equal(v, before[k]), k
@@ -105,20 +105,6 @@ def test_member_loop_with_loss_hparams_and_mask_equals_vmap() -> None:
         pop = Population.from_factory(MODEL_FNS["cnn_bn"], 4, seed=0)
         step = TrainStep(pop, popvec.optim.Adam(pop, lr=1e-2), loss_fn=cross_entropy, member_chunk_size=member_chunk_size)
         losses = [step(x, y, loss_hparams={"label_smoothing": smoothing}, mask=mask) for x, y in make_batches(4)]
-        runs.append((pop, torch.stack(losses)))
-    (whole, whole_losses), (looped, looped_losses) = runs
-    torch.testing.assert_close(looped_losses, whole_losses, rtol=RTOL, atol=ATOL)
-    _assert_same(looped, whole)
-
-
-@pytest.mark.parametrize("per_member", [False, True])
-def test_channels_last_member_loop_equals_vmap(per_member: bool) -> None:
-    runs = []
-    for choice in ((None, False), (1, True)):
-        pop = Population.from_factory(MODEL_FNS["cnn_bn"], 3, seed=0)
-        step = TrainStep(pop, popvec.optim.Adam(pop, lr=1e-2))
-        step._chunk = choice  # what "auto" may choose
-        losses = [step(x, y, per_member) for x, y in make_batches(4, 3 if per_member else None)]
         runs.append((pop, torch.stack(losses)))
     (whole, whole_losses), (looped, looped_losses) = runs
     torch.testing.assert_close(looped_losses, whole_losses, rtol=RTOL, atol=ATOL)
