@@ -38,8 +38,8 @@ GradFnFactory = Callable[[int | None], Callable[..., tuple[dict[str, Tensor], Te
 #: the probe's choice per (model signature, N, batch shapes, dtypes, ...): measured once per process
 _CACHE: dict[tuple[Any, ...], int | None] = {}
 
-#: timed rounds over all candidates (after one warmup round); each one's fastest call counts
-PROBE_REPEATS = 3
+#: timed rounds over all candidates (after one warmup round); each one's fastest measurement counts
+PROBE_REPEATS = 2
 
 #: how much faster per member than the whole stack another chunking must measure to be chosen
 PROBE_MARGIN = 0.15
@@ -123,14 +123,16 @@ def probe_chunk_size(
     """The chunk size whose gradient computation takes the least time per member (None: the whole stack).
 
     Candidates: the member loop (chunks of 1, no vmap), vmapped chunks of 2, 4, ... below N, and the
-    whole stack (None). Candidate c is timed on one chunk of
-    its own size (members ``[:c]``): chunks are independent, so the time per member of one chunk is
-    that of the whole step in chunks of c. After one warmup call each, :data:`PROBE_REPEATS` rounds
-    time every candidate once in turn (a change of load hits all alike); each candidate's fastest
-    call counts. The whole stack is kept unless another candidate is at least
+    whole stack (None). Candidate c is timed on one chunk of its own size (members ``[:c]``): chunks
+    are independent, so the time per member of one chunk is that of the whole step in chunks of c.
+    After two warmup calls each (the second one's time sets how often each is called),
+    :data:`PROBE_REPEATS` rounds time every candidate in turn (a change of load hits all alike),
+    each measurement repeating the call so that it spans about the time of the slowest candidate's
+    call (short calls are not favoured by escaping preemption); each candidate's fastest
+    measurement counts. The whole stack is kept unless another candidate is at least
     :data:`PROBE_MARGIN` faster. Nothing changes: parameters are only read, BatchNorm statistics
-    and the batch are copies, the global RNG is restored. Costs about ``2N (PROBE_REPEATS + 1)``
-    member-steps (a few steps of the whole population).
+    and the batch are copies, the global RNG is restored. Costs about
+    ``PROBE_REPEATS * (log2(N) + 1)`` steps of the whole population's gradient computation.
     """
     n = population.n
     devices = [x.device] if x.is_cuda else []
@@ -142,17 +144,30 @@ def probe_chunk_size(
         xs, ys = (x[:c], y[:c]) if per_member else (x, y)
         extra = ({k: v[:c] for k, v in loss_hparams.items()},) if loss_hparams else ()
         runs.append((choice, c, factory(choice), (trainable, frozen, buffers, xs, ys, *extra)))
+
+    def timed(fn: Callable[..., Any], args: tuple[Any, ...], calls: int) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            grads, losses = fn(*args)
+            del grads, losses
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        return time.perf_counter() - start
+
     best_s = {choice: float("inf") for choice, *_ in runs}
     with torch.random.fork_rng(devices=devices):
-        for round in range(1 + PROBE_REPEATS):
+        # warmup: one call each, then one more that gives each candidate's rough time per call
+        per_call = {}
+        for choice, _, fn, args in runs:
+            timed(fn, args, 1)
+            per_call[choice] = timed(fn, args, 1)
+        budget = max(per_call.values())
+        for _ in range(PROBE_REPEATS):
             for choice, c, fn, args in runs:
-                start = time.perf_counter()
-                grads, losses = fn(*args)
-                if x.is_cuda:
-                    torch.cuda.synchronize(x.device)
-                if round > 0:  # round 0 is the warmup
-                    best_s[choice] = min(best_s[choice], (time.perf_counter() - start) / c)
-                del grads, losses
+                # Each measurement spans about the same wall time (that of the slowest call): on a
+                # loaded machine a short call escapes preemption more often than a long one would.
+                calls = max(1, min(64, round(budget / max(per_call[choice], 1e-9))))
+                best_s[choice] = min(best_s[choice], timed(fn, args, calls) / (calls * c))
     whole = None
     fastest = min(best_s, key=lambda k: best_s[k])
     return fastest if best_s[fastest] < (1 - PROBE_MARGIN) * best_s[whole] else whole
