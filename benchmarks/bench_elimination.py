@@ -66,7 +66,9 @@ def run_loop(args: argparse.Namespace, data, device: torch.device, steps: int) -
     return winner, models[winner], time.perf_counter() - start
 
 
-def run_popvec(args: argparse.Namespace, data, device: torch.device) -> tuple[int, torch.nn.Module, float]:
+def run_popvec(
+    args: argparse.Namespace, data, device: torch.device, member_chunk_size: int | str | None = None
+) -> tuple[int, torch.nn.Module, float]:
     trainer = MultipleInitializationsTrainer(
         model_factory(args.model, data.input_shape, data.num_classes),
         lambda params: torch.optim.Adam(params, lr=args.lr),
@@ -77,6 +79,7 @@ def run_popvec(args: argparse.Namespace, data, device: torch.device) -> tuple[in
         seed=args.seed,
         console=Console(quiet=True),
         progress=False,
+        member_chunk_size=member_chunk_size,
     )
     loader = DeviceLoader(data.train, args.batch_size, seed=args.seed)
     sync(device)

@@ -5,7 +5,10 @@ For each model and population size N, one run measures side by side (same batch,
   (b) naive  - stack_module_state + vmap(grad) + torch.optim.Adam on the stacked leaves
                (the recipe of PyTorch's model-ensembling tutorial)
   (c) popvec - PopulationTrainer.step (vmapped step + popvec.optim.Adam)
-Timings are medians over repeats of several steps each; throughput is member-steps per second.
+  (d) popvec_auto - the same with member_chunk_size="auto" (on the CPU a probe picks the chunk size;
+               the probe runs before timing, in the warmup)
+Timings are medians over repeats of several steps each, the variants timed in turn within each
+repeat (side by side); throughput is member-steps per second.
 Prints a table and writes JSON (device, torch version, every figure) to benchmarks/results/.
 
     python benchmarks/bench_step.py                      # CPU, all sizes
@@ -15,90 +18,22 @@ Prints a table and writes JSON (device, torch version, every figure) to benchmar
 from __future__ import annotations
 
 import argparse
-import copy
-import statistics
-import time
+import os
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-from common import environment, sync, write_report
+from common import environment, interleaved_medians, loop_step, make_models, naive_step, popvec_step, write_report
 from rich.console import Console
 from rich.table import Table
-from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
-import popvec
-from popvec import Population, PopulationTrainer
-from popvec.models import MLP, LeNet5
+from popvec.models import MLP, LeNet5, ResNet20
 
 MODELS: dict[str, Callable[[], torch.nn.Module]] = {
     "mlp": lambda: MLP(784, (256, 256), 10),
     "lenet5": lambda: LeNet5(),
+    "resnet20": lambda: ResNet20(),
 }
-
-
-def median_seconds(fn: Callable[[], None], device: torch.device, repeats: int, inner: int, warmup: int) -> float:
-    """Median over ``repeats`` of the mean time of ``inner`` consecutive calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        sync(device)
-        samples.append((time.perf_counter() - start) / inner)
-    return statistics.median(samples)
-
-
-def make_models(model_fn: Callable[[], torch.nn.Module], n: int, device: torch.device) -> list[torch.nn.Module]:
-    models = []
-    for i in range(n):
-        torch.manual_seed(i)
-        models.append(model_fn().to(device))
-    return models
-
-
-def loop_step(models: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
-
-    def step() -> None:
-        for model, opt in zip(models, optimizers):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-
-    return step
-
-
-def naive_step(models: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    params, buffers = stack_module_state(models)
-    params = {k: v.detach().requires_grad_(False) for k, v in params.items()}
-    base = copy.deepcopy(models[0]).to("meta")
-
-    def loss(p, b, x, y):
-        return F.cross_entropy(functional_call(base, (p, b), (x,)), y)
-
-    grad_fn = vmap(grad_and_value(loss), in_dims=(0, 0, None, None))
-    leaves = list(params.values())
-    opt = torch.optim.Adam(leaves, lr=1e-3)
-
-    def step() -> None:
-        grads, _ = grad_fn(params, buffers, x, y)
-        for leaf, name in zip(leaves, params):
-            leaf.grad = grads[name]
-        opt.step()
-
-    return step
-
-
-def popvec_step(
-    models: list[torch.nn.Module], x: torch.Tensor, y: torch.Tensor, compile: bool = False, member_chunk_size: int | None = None
-) -> Callable[[], None]:
-    pop = Population.from_modules(models)
-    trainer = PopulationTrainer(pop, popvec.optim.Adam(pop, lr=1e-3), compile=compile, progress=False, member_chunk_size=member_chunk_size)
-    return lambda: trainer.step(x, y)
+INPUT_SHAPES = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28), "resnet20": (3, 32, 32)}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -106,31 +41,36 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads) if args.threads else None
     results = []
     console = Console()
-    variants = {"loop": loop_step, "naive": naive_step, "popvec": popvec_step}
+    variants: dict[str, Callable[..., Callable[[], None]]] = {"loop": loop_step, "naive": naive_step, "popvec": popvec_step}
+    if not args.no_auto:
+        variants["popvec_auto"] = lambda m, x, y: popvec_step(m, x, y, member_chunk_size="auto")
     if args.compile:
         variants["popvec+compile"] = lambda m, x, y: popvec_step(m, x, y, compile=True)
     if args.member_chunk_size:
         variants["popvec_chunked"] = lambda m, x, y: popvec_step(m, x, y, member_chunk_size=args.member_chunk_size)
     for model_name in args.models:
         for n in args.sizes:
-            x = torch.randn(args.batch_size, 1, 28, 28, device=device)
+            x = torch.randn(args.batch_size, *INPUT_SHAPES[model_name], device=device)
             y = torch.randint(0, 10, (args.batch_size,), device=device)
-            row = {"model": model_name, "n": n, "batch_size": args.batch_size}
-            for name, make in variants.items():
-                step = make(make_models(MODELS[model_name], n, device), x, y)
-                inner = max(1, args.inner // n) if name == "loop" and device.type == "cpu" else args.inner
-                seconds = median_seconds(step, device, args.repeats, inner, args.warmup)
+            row: dict = {"model": model_name, "n": n, "batch_size": args.batch_size}
+            steps = {name: make(make_models(MODELS[model_name], n, device), x, y) for name, make in variants.items()}
+            inner = {name: max(1, args.inner // n) if device.type == "cpu" else args.inner for name in steps}
+            for name, seconds in interleaved_medians(steps, device, args.repeats, inner, args.warmup).items():
                 row[f"{name}_s"] = seconds
                 row[f"{name}_member_steps_per_s"] = n / seconds
+            row["load_avg_1min"] = os.getloadavg()[0]
             row["popvec_vs_loop"] = row["loop_s"] / row["popvec_s"]
             row["popvec_vs_naive"] = row["naive_s"] / row["popvec_s"]
             row["naive_vs_loop"] = row["loop_s"] / row["naive_s"]
-            if "popvec_chunked_s" in row:
-                row["popvec_chunked_vs_loop"] = row["loop_s"] / row["popvec_chunked_s"]
+            for extra in ("popvec_chunked", "popvec_auto"):
+                if f"{extra}_s" in row:
+                    row[f"{extra}_vs_loop"] = row["loop_s"] / row[f"{extra}_s"]
             console.print(
                 f"{model_name} N={n}: loop {1e3 * row['loop_s']:.2f} ms, naive {1e3 * row['naive_s']:.2f} ms, "
                 f"popvec {1e3 * row['popvec_s']:.2f} ms -> popvec/loop {row['popvec_vs_loop']:.2f}x, "
                 f"popvec/naive {row['popvec_vs_naive']:.2f}x"
+                + (f", auto {1e3 * row['popvec_auto_s']:.2f} ms -> {row['popvec_auto_vs_loop']:.2f}x" if "popvec_auto_s" in row else "")
+                + f" (load {row['load_avg_1min']:.1f})"
             )
             results.append(row)
     return {
@@ -138,6 +78,7 @@ def run(args: argparse.Namespace) -> dict:
         **environment(device),
         "repeats": args.repeats,
         "inner_steps": args.inner,
+        "inner_steps_note": "on the CPU, inner // N steps per timed repeat (at least 1)",
         "results": results,
     }
 
@@ -146,10 +87,11 @@ def print_table(report: dict) -> None:
     table = Table(title=f"Train step, batch {report['results'][0]['batch_size']}, {report['device']} (torch {report['torch']})")
     for col in ["model", "N", "loop ms", "naive ms", "popvec ms", "member-steps/s (popvec)", "popvec/loop", "popvec/naive", "naive/loop"]:
         table.add_column(col, justify="right")
-    if "popvec_chunked_s" in report["results"][0]:
-        table.add_column("chunked/loop", justify="right")
+    extras = [e for e in ("popvec_chunked", "popvec_auto") if f"{e}_vs_loop" in report["results"][0]]
+    for e in extras:
+        table.add_column(f"{e.removeprefix('popvec_')}/loop", justify="right")
     for r in report["results"]:
-        extra = [f"{r['popvec_chunked_vs_loop']:.2f}x"] if "popvec_chunked_vs_loop" in r else []
+        extra = [f"{r[f'{e}_vs_loop']:.2f}x" for e in extras]
         table.add_row(
             r["model"],
             str(r["n"]),
@@ -177,6 +119,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--compile", action="store_true", help="also time popvec with torch.compile")
     parser.add_argument("--member-chunk-size", type=int, default=0, help="also time popvec with members in chunks of this many")
+    parser.add_argument("--no-auto", action="store_true", help="do not time popvec with member_chunk_size='auto'")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_step-<device>.json)")
     args = parser.parse_args()
     report = run(args)

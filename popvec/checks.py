@@ -142,6 +142,15 @@ def optional_integer(name: str, value: Any, minimum: int | None = 1, maximum: in
     return None if value is None else _integer(name, value, minimum, maximum, optional=True)
 
 
+def integer_or_auto(name: str, value: Any, minimum: int = 1) -> int | str | None:
+    """``None``, ``"auto"``, or an integer ``>= minimum`` (e.g. ``member_chunk_size``); else a one-line ValueError."""
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    if _is_integer(value) and value >= minimum:
+        return int(value)
+    raise ValueError(f"{name} must be an integer >= {minimum}, 'auto' or None, got {value!r}")
+
+
 def _integer(name: str, value: Any, minimum: int | None, maximum: int | None, optional: bool) -> int:
     is_integer = _is_integer(value)
     if is_integer and (minimum is None or value >= minimum) and (maximum is None or value <= maximum):

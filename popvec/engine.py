@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
-from popvec import checks, diagnose, losses
+from popvec import checks, chunking, diagnose, losses
 from popvec.optim import Optimizer, PopulationOptimizer, TorchOptimizer, grad_norm
 from popvec.population import Population, as_mask, check_batch, check_placement
 from popvec.precision import LossScaler, autocast, check_precision, norms_need_float32, under_autocast
@@ -62,7 +62,8 @@ def make_grad_fn(
     ``[N, B, ...]`` per member (likewise ``y``); ``grads`` maps trainable names to ``[N, ...]`` and
     ``losses`` is ``[N]``. BatchNorm buffers are updated in place in train mode; dropout masks are
     independent per member. ``member_chunk_size`` runs the members in chunks of that many
-    (same results; on a CPU, small chunks keep activations in cache and avoid grouped convolutions).
+    (same results; on a CPU, small chunks keep activations in cache and avoid grouped convolutions;
+    chunks of 1 with ``randomness="different"`` run without vmap, see :mod:`popvec.chunking`).
     ``with_loss_hparams=True``: the function takes one more argument, a dict of ``[N]`` tensors
     (per-member loss hyperparameters such as label smoothing), and member i's loss is
     ``loss_fn(out, y, **{k: v[i]})`` (the values reach ``loss_fn`` as 0-d tensors).
@@ -86,6 +87,8 @@ def make_grad_fn(
         out = functional_call(skeleton, ({**trainable, **frozen}, buffers), (x.clone(),))
         return loss_fn(out, y)
 
+    if member_chunk_size == 1 and randomness == "different":
+        return chunking.member_loop_grad_fn(skeleton, loss_fn, per_member, with_loss_hparams)
     if with_loss_hparams:
 
         def member_loss_kw(trainable, frozen, buffers, x, y, loss_hparams):  # type: ignore[no-untyped-def]
@@ -227,6 +230,9 @@ class TrainStep:
     Its update then runs the optimizer's per-member (unfused) rule for every step, so that whether
     one member skipped never changes how the others are computed; CUDA graphs are off (each step
     reads on the host whether any member overflowed, as ``torch.amp.GradScaler`` does).
+    ``member_chunk_size``: an integer, None (the whole stack) or ``"auto"`` (the chunk size a short
+    probe finds fastest on the CPU, cached per model, N and batch shape; the whole stack elsewhere
+    and with fp16 loss scaling; see :mod:`popvec.chunking`).
     """
 
     warmup_steps = 2
@@ -238,12 +244,12 @@ class TrainStep:
         loss_fn: LossFn = F.cross_entropy,
         compile: bool = False,
         cuda_graph: bool | None = None,
-        member_chunk_size: int | None = None,
+        member_chunk_size: int | str | None = None,
         randomness: str = "different",
         precision: str = "fp32",
         loss_scaler: LossScaler | None = None,
     ) -> None:
-        checks.optional_integer("member_chunk_size", member_chunk_size, 1)
+        checks.integer_or_auto("member_chunk_size", member_chunk_size)
         self.randomness = diagnose.check_randomness(randomness)
         self.precision = check_precision(precision)
         self.loss_scaler = _loss_scaler_for(self.precision, loss_scaler, population, optimizer, cuda_graph)
@@ -254,7 +260,10 @@ class TrainStep:
         self.loss_fn = loss_fn
         self.compile = compile
         self.cuda_graph = cuda_graph
-        self._grad_fns: dict[tuple[bool, bool], Callable[..., Any]] = {}
+        self._grad_fns: dict[tuple[bool, bool, int | None], Callable[..., Any]] = {}
+        # the chunk size in use; "auto" sets it per batch shape and N
+        self._chosen: dict[tuple[Any, ...], int | None] = {}
+        self._chunk: int | None = None if member_chunk_size == chunking.AUTO else member_chunk_size  # type: ignore[assignment]
         self._graph: _RecordedStep | None = None
         self._warm_key: tuple[Any, ...] | None = None
         self._warm_count = 0
@@ -264,13 +273,13 @@ class TrainStep:
         self.grad_norm_max: Tensor | None = None
 
     def _grad_fn(self, per_member: bool, with_loss_hparams: bool) -> Callable[..., Any]:
-        key = (per_member, with_loss_hparams)
+        key = (per_member, with_loss_hparams, self._chunk)
         if key not in self._grad_fns:
             fn = make_grad_fn(
                 self.population,
                 self.loss_fn,
                 per_member,
-                self.member_chunk_size,
+                self._chunk,
                 with_loss_hparams,
                 self.randomness,
                 self.precision,
@@ -306,6 +315,7 @@ class TrainStep:
         if shape_key not in self._preflown:  # once per batch shape: a clear error instead of a vmap one
             preflight(pop, x, y, self.loss_fn, per_member, loss_hparams, self.randomness, self.precision)
             self._preflown.add(shape_key)
+        self._resolve_chunk(x, y, per_member, loss_hparams, (*shape_key, pop.n, x.dtype))
         if mask is not None:
             return self._masked_step(x, y, per_member, as_mask(mask, pop.n, pop.device), loss_hparams)
         if self._graphs_enabled(x):
@@ -347,6 +357,26 @@ class TrainStep:
             self.last_grad_norm = self.optimizer.step(grads, mask=update)
         scaler.update(finite, mask)
         return losses.detach()
+
+    def _resolve_chunk(self, x: Tensor, y: Tensor, per_member: bool, loss_hparams: dict[str, Tensor], key: tuple[Any, ...] = ()) -> None:
+        """Set the chunk size of this step: as given, or for "auto" the probe's (cached) choice."""
+        if self.member_chunk_size != chunking.AUTO:
+            return
+        if self.loss_scaler is not None:  # the probe times unscaled steps: fp16 with loss scaling runs the whole stack
+            self._chunk = None
+            return
+        if key and key in self._chosen:  # this batch shape and N seen before: no signature to rebuild
+            self._chunk = self._chosen[key]
+            return
+
+        def factory(chunk: int | None) -> Callable[..., Any]:
+            return make_grad_fn(self.population, self.loss_fn, per_member, chunk, bool(loss_hparams), self.randomness, self.precision)
+
+        self._chunk = chunking.resolve_chunk_size(
+            chunking.AUTO, self.population, factory, x, y, per_member, loss_hparams, (self.loss_fn,), self.randomness
+        )
+        if key:
+            self._chosen[key] = self._chunk
 
     def _masked_step(self, x: Tensor, y: Tensor, per_member: bool, mask: Tensor, loss_hparams: dict[str, Tensor]) -> Tensor:
         """An eager step whose masked members' buffers are restored (the optimizer restores the rest)."""

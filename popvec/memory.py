@@ -334,17 +334,21 @@ def preflight_training(
     x: Tensor | None,
     y: Tensor | None,
     loss_fn: Callable[..., Tensor] | None = None,
-    member_chunk_size: int | None = None,
+    member_chunk_size: int | str | None = None,
     what: str = "n",
     chunk_flag: str | None = "member_chunk_size",
     x_eval: Tensor | None = None,
 ) -> MemoryEstimate | None:
     """Build one member of ``model_fn`` (under a forked RNG), probe it on ``x``/``y`` (one member's
     training batch) and raise :class:`PopulationTooLarge` when ``n`` members do not fit on ``device``
-    (or their build on the CPU does not). ``optimizer``: see :func:`optimizer_slots`. Returns the
-    estimate (None when checks are off)."""
+    (or their build on the CPU does not). ``optimizer``: see :func:`optimizer_slots`.
+    ``member_chunk_size="auto"`` is checked as chunks of one (what "auto" can go down to). Returns
+    the estimate (None when checks are off)."""
     if not checks_enabled():
         return None
+    if member_chunk_size == "auto":
+        member_chunk_size = 1
+    assert member_chunk_size is None or isinstance(member_chunk_size, int)
     with torch.random.fork_rng(devices=[]):
         member = model_fn()
     x, y, x_eval = (t.to(device) if t is not None else None for t in (x, y, x_eval))

@@ -16,7 +16,17 @@ from typing import Any, TypeVar
 
 from popvec import checks
 
-__all__ = ["seed", "integer", "number", "positive_int", "positive_float", "nonnegative_float", "open_unit", "number_pair"]
+__all__ = [
+    "seed",
+    "integer",
+    "number",
+    "positive_int",
+    "positive_int_or_auto",
+    "positive_float",
+    "nonnegative_float",
+    "open_unit",
+    "number_pair",
+]
 
 T = TypeVar("T")
 _SUBJECT = "value"
@@ -78,6 +88,19 @@ def number_pair(names: str = "LOW,HIGH", ordered: bool = True, minimum: float = 
         return first, second
 
     return parse
+
+
+def positive_int_or_auto(text: str) -> int | str:
+    """An integer ``>= 1`` or the word ``auto`` (``--member-chunk-size``)."""
+    if text == "auto":
+        return text
+    try:
+        value: Any = int(text)
+    except ValueError:
+        value = text
+    result = _checked(checks.integer_or_auto, value)
+    assert result is not None
+    return result
 
 
 positive_int = integer(1)

@@ -157,7 +157,7 @@ def preflight(
     what: str,
     optimizer: str,
     batch_size: int,
-    member_chunk_size: int | None = None,
+    member_chunk_size: int | str | None = None,
     chunk_flag: str | None = None,
     eval_batch_size: int = 1024,
 ) -> memory.MemoryEstimate | None:

@@ -26,7 +26,7 @@ from popvec.augment import Augment
 from popvec.callbacks import HistoryLogger
 from popvec.checkpoint import save_checkpoint
 from popvec.cli import common
-from popvec.cli.argtypes import open_unit, positive_int
+from popvec.cli.argtypes import open_unit, positive_int, positive_int_or_auto
 from popvec.cli.config import (
     DataFlags,
     DeviceFlags,
@@ -64,7 +64,9 @@ class TrainConfig(DataFlags, OptimizerFlags, HparamFlags, SeedFlags, PrecisionFl
     seeds: int = flag(
         1, "independent elimination runs, one after another in subfolders seed-<s>/ (s = seed + k * num_models)", parse=positive_int
     )
-    member_chunk_size: int | None = flag(None, "run members in chunks of this many (CPU: try 1)", parse=positive_int)
+    member_chunk_size: int | str | None = flag(
+        None, "run members in chunks of this many, or 'auto' (CPU: the fastest chunk size a short probe finds)", parse=positive_int_or_auto
+    )
     # LeNet-5: the model of the quickstart and of the documented results.
     model: str = override(DataFlags, "model", default="lenet5")
 
