@@ -369,6 +369,20 @@ def test_barrier_matrix_is_symmetric_with_zero_diagonal_and_matches_interpolate(
         assert matrix.l2[i, j].item() == pytest.approx(res.l2, rel=1e-6)
 
 
+def test_barrier_matrix_of_sixteen_batchnorm_members_either_way(cpu_way: list[bool]) -> None:
+    """16 members, 120 pairs, BatchNorm recomputed: one network at a time or vmapped, each entry is interpolate's."""
+    pop = Population.from_factory(tiny_cnn, 16, seed=1)
+    matrix = lmc.barrier_matrix(pop, DATA, alphas=3, bn_data=BN_DATA, pair_chunk_size=48, batch_size=32)
+    assert matrix.bn == "recompute" and len(cpu_way) == 3  # three chunks of pairs, each deciding on its first batch
+    for values in (matrix.loss, matrix.error, matrix.l2):
+        assert values.shape == (16, 16) and bool(torch.isfinite(values).all())
+        torch.testing.assert_close(values, values.T, rtol=0, atol=0)
+    for i, j in ((0, 15), (3, 7), (14, 15)):
+        res = lmc.interpolate((pop, i), (pop, j), DATA, alphas=3, bn_data=BN_DATA, batch_size=32, member_chunk_size=3)
+        assert matrix.loss[i, j].item() == pytest.approx(res.loss_barrier, abs=1e-5)
+        assert matrix.error[i, j].item() == pytest.approx(res.error_barrier, abs=1e-6)
+
+
 # --------------------------------------------------------------------------- spawning
 def sgd(pop: Population) -> popvec.optim.SGD:
     return popvec.optim.SGD(pop, lr=0.1, momentum=0.9)

@@ -308,17 +308,19 @@ def evaluate_paths(
     """
     grid = alphas.to(a.device)
     path = Population(a.skeleton, interpolate_stacks(a.params, b.params, grid), interpolate_stacks(a.buffers, b.buffers, grid))
-    metrics, data, used = None, spec.data, False
+    metrics, data, used, chunk = None, spec.data, False, spec.member_chunk_size
     if spec.recompute:
         path.buffers, plain = _recompute(path, spec.bn_data, spec.batch_size, spec.member_chunk_size)
-        if plain:  # (faster for the recompute: so for the evaluation too)
+        if plain:  # the first batch timed one network at a time faster: so it evaluates too
             metrics = _evaluate_one_at_a_time(path, data, spec.loss_fn, spec.batch_size)
+        elif chunk is None and path.device.type == "cpu":
+            chunk = path.n  # it timed the whole vmapped pass faster: so it evaluates too (not in cache-sized chunks)
     if metrics is None and shortcut and a.n == 1 and all(bool(finite_members({**e.params, **e.buffers}).all()) for e in (a, b)):
         # (not with a non-finite end: the shortcut mixes both ends' activations, NaN at every alpha)
-        metrics, data = evaluate_shortcut(path, a, b, grid, spec.data, spec.loss_fn, spec.batch_size, spec.member_chunk_size)
+        metrics, data = evaluate_shortcut(path, a, b, grid, spec.data, spec.loss_fn, spec.batch_size, chunk)
         used = metrics is not None
     if metrics is None:
-        metrics = evaluate(path, data, spec.loss_fn, spec.batch_size, spec.member_chunk_size)
+        metrics = evaluate(path, data, spec.loss_fn, spec.batch_size, chunk)
     shape = (a.n, alphas.numel())
     loss, error = metrics["loss"].cpu().view(shape), (1.0 - metrics["accuracy"]).cpu().view(shape)
     bad = ~finite_members({**path.params, **path.buffers}).cpu().view(shape) | ~torch.isfinite(loss)
