@@ -17,7 +17,7 @@ and for ResNet-20 (BatchNorm) on 3x32x32 inputs, every alpha's BatchNorm statist
                all vmapped, whichever the first batch times faster; the JSON records the choice)
   (b2) popvec one at a time - the same, forced one network at a time (channels_last)
   (c) popvec vmapped - the same with ``member_chunk_size=K``: all K networks in one vmapped pass
-Medians over repeats of wall time and of this process's CPU time (on a machine shared with other
+Medians over repeats (the ResNet-20 ways in round robin) of wall time and of this process's CPU time (on a machine shared with other
 jobs CPU time is the steadier measure); the machine's load average is recorded with the results.
 
     python benchmarks/bench_lmc.py                   # CPU
@@ -135,16 +135,23 @@ def bn_case(args: argparse.Namespace, device: torch.device, alphas: Tensor) -> d
 
         return run
 
-    loads = [os.getloadavg()[0]]
-    times, curves = {}, {}
     ways = {"loop": loop, "popvec": way(None), "popvec_one_at_a_time": way(True), "popvec_vmapped": vmapped}
-    for name, fn in ways.items():
-        choices.clear()
-        times[name], out = median_times(fn, device, args.bn_repeats)
-        curves[name] = out if isinstance(out, Tensor) else out.loss  # type: ignore[attr-defined]
+    loads = [os.getloadavg()[0]]
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
+    curves, auto_choices = {}, []
+    for _ in range(args.bn_repeats + 1):  # round robin, so a change of the machine's load hits every way alike
+        for name, fn in ways.items():
+            choices.clear()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            out = fn()
+            sync(device)
+            samples[name].append((time.perf_counter() - start, time.process_time() - start_cpu))
+            curves[name] = out if isinstance(out, Tensor) else out.loss  # type: ignore[attr-defined]
+            auto_choices += choices if name == "popvec" else []
         loads.append(os.getloadavg()[0])
-        if name == "popvec":
-            auto_choices = list(choices)
+    times = {
+        name: tuple(statistics.median(t[i] for t in runs[1:]) for i in (0, 1)) for name, runs in samples.items()
+    }  # first round: warm-up
     row: dict[str, object] = {"model": "resnet20_bn_recompute"}
     for name in ways:
         row[f"{name}_s"], row[f"{name}_cpu_s"] = times[name]

@@ -228,12 +228,11 @@ def _members_one_at_a_time(stack: Population, members: _Members, x: Tensor) -> b
     buffers) and says whether one member at a time would have been faster (timed on member 0).
 
     On a CPU a vmapped pass over K networks turns every convolution into a grouped one over
-    ``[B, K*C, H, W]`` activations, which is fast where a few big kernels beat many small ones (2
-    threads on a busy machine: measured 5x the loop on ResNet-20) and slow where those activations
-    fall out of the cache on an idle one (0.6x); one network at a time (channels_last where the
-    model allows) runs near the loop's speed or above. Which one wins depends on the model, the
-    batch and the machine's load, so it is measured here, on the first batch, at the cost of one
-    or two single-network forwards.
+    ``[B, K*C, H, W]`` activations: a few big kernels, which won on 2 threads of a heavily loaded
+    machine (ResNet-20, batch 32, load average ~10: 6.6x the per-alpha loop, one at a time 1.7x)
+    and lost on a quieter one (load ~3: 0.42x, one at a time 0.62x), where those activations fall
+    out of the cache. Which one wins depends on the model, the batch and the machine's load, so it
+    is measured here, on the first batch, at the cost of two single-network forwards.
     """
     start = time.perf_counter()
     stack.forward(x)
