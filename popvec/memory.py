@@ -271,6 +271,7 @@ def probe_member(
     parameters, e.g. :data:`PATH_WORKSPACE` for an interpolation). Random draws in the forward (dropout) are undone: the
     caller's RNG is untouched.
     """
+    x, x_eval = (t.clone() if t is not None else None for t in (x, x_eval))  # a forward may modify its input in place
     named = dict(model.named_parameters())
     params = tensor_bytes(named.values())
     trainable = tensor_bytes(p for p in named.values() if p.requires_grad)

@@ -168,6 +168,92 @@ def test_recompute_batchnorm_is_cumulative_average_of_batch_statistics(cnn_pair:
     assert buffers["bn.num_batches_tracked"].tolist() == [4, 4]
 
 
+class ViewCNN(nn.Module):
+    """Conv + BatchNorm whose forward ``.view``s its activations (which fails in channels_last)."""
+
+    def __init__(self, in_channels: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 8 * 8, NUM_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.fc(h.view(h.shape[0], -1))
+
+
+class InPlaceInput(ViewCNN):
+    """ViewCNN that doubles its input in place first."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.mul_(2.0))
+
+
+def perturbed_pair(model_fn: Callable[[], nn.Module]) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    a, b = model_fn(), model_fn()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return a, b
+
+
+@pytest.fixture(params=[True, False], ids=["one_at_a_time", "vmapped"])
+def cpu_way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Forces the CPU's choice between one network at a time and the vmapped pass (made by timing the
+    first batch); the list records each choice made."""
+    choose, made = paths._members_one_at_a_time, []
+
+    def forced(*args: object) -> bool:
+        choose(*args)  # the first batch, vmapped, and the timing of member 0 alone
+        made.append(request.param)
+        return bool(request.param)
+
+    monkeypatch.setattr(paths, "_members_one_at_a_time", forced)
+    return made
+
+
+@pytest.mark.parametrize("model_fn", [tiny_cnn, ViewCNN])
+def test_cpu_recompute_either_way_equals_the_loop_and_the_chunked_path(model_fn: Callable[[], nn.Module], cpu_way: list[bool]) -> None:
+    """On a CPU without member_chunk_size, one network at a time (channels_last where the model allows
+    it) or all vmapped, as the first batch decides: the per-alpha loop's curve and statistics."""
+    a, b = perturbed_pair(model_fn)
+    batches = list(zip(*(t.split(16) for t in BN_DATA)))
+    res = lmc.interpolate(a, b, DATA, alphas=7, bn_data=batches, batch_size=40)
+    assert res.bn == "recompute" and len(cpu_way) == 1
+    ref_loss, ref_error = reference_curve(a, b, res.alphas, bn_data=BN_DATA)
+    torch.testing.assert_close(res.loss, ref_loss, **TOL)
+    torch.testing.assert_close(res.error, ref_error, **TOL)
+    ends = [Population.from_modules([m]) for m in (a, b)]
+    params, buffers = (paths.interpolate_stacks(getattr(ends[0], k), getattr(ends[1], k), res.alphas) for k in ("params", "buffers"))
+    path = Population(ends[0].skeleton, params, buffers)
+    one, chunked = (lmc.recompute_batchnorm(path, batches, member_chunk_size=c) for c in (None, 2))
+    assert one.keys() == chunked.keys() and len(cpu_way) == 2
+    for key in one:
+        torch.testing.assert_close(one[key], chunked[key], **TOL)
+    assert one["bn.num_batches_tracked"].tolist() == [len(batches)] * 7
+
+
+def test_one_at_a_time_gives_every_network_its_own_copy_of_the_input(cpu_way: list[bool]) -> None:
+    """A forward that modifies its input in place changes neither the data nor the other networks' input."""
+    a, b = perturbed_pair(InPlaceInput)
+    x, bx = DATA[0].clone(), BN_DATA[0].clone()
+    data, bn_data = (x, DATA[1]), list(zip(bx.split(16), BN_DATA[1].split(16)))
+    either = lmc.interpolate(a, b, data, alphas=5, bn_data=bn_data, batch_size=40)
+    chunked = lmc.interpolate(a, b, data, alphas=5, bn_data=bn_data, batch_size=40, member_chunk_size=2)
+    torch.testing.assert_close(either.loss, chunked.loss, **TOL)
+    assert torch.equal(x, DATA[0]) and torch.equal(bx, BN_DATA[0])
+
+
+def test_channels_last_only_where_the_model_gives_the_same_outputs() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    for model, expected in ((nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten()), True), (ViewCNN(3), False)):
+        pop = Population.from_modules([model])
+        members = paths._Members(copy.deepcopy(model).eval(), pop.params, pop.buffers)
+        assert members.layout(x).is_contiguous(memory_format=torch.channels_last) == expected
+        assert members.channels_last == expected
+
+
 # --------------------------------------------------------------------------- first-layer shortcut
 class ScaledInput(nn.Module):
     """A learned input scale before the first Linear: the first layer's input depends on the weights."""
@@ -281,6 +367,20 @@ def test_barrier_matrix_is_symmetric_with_zero_diagonal_and_matches_interpolate(
         assert matrix.loss[i, j].item() == pytest.approx(res.loss_barrier, abs=1e-5)
         assert matrix.error[i, j].item() == pytest.approx(res.error_barrier, abs=1e-6)
         assert matrix.l2[i, j].item() == pytest.approx(res.l2, rel=1e-6)
+
+
+def test_barrier_matrix_of_sixteen_batchnorm_members_either_way(cpu_way: list[bool]) -> None:
+    """16 members, 120 pairs, BatchNorm recomputed: one network at a time or vmapped, each entry is interpolate's."""
+    pop = Population.from_factory(tiny_cnn, 16, seed=1)
+    matrix = lmc.barrier_matrix(pop, DATA, alphas=3, bn_data=BN_DATA, pair_chunk_size=48, batch_size=32)
+    assert matrix.bn == "recompute" and len(cpu_way) == 3  # three chunks of pairs, each deciding on its first batch
+    for values in (matrix.loss, matrix.error, matrix.l2):
+        assert values.shape == (16, 16) and bool(torch.isfinite(values).all())
+        torch.testing.assert_close(values, values.T, rtol=0, atol=0)
+    for i, j in ((0, 15), (3, 7), (14, 15)):
+        res = lmc.interpolate((pop, i), (pop, j), DATA, alphas=3, bn_data=BN_DATA, batch_size=32, member_chunk_size=3)
+        assert matrix.loss[i, j].item() == pytest.approx(res.loss_barrier, abs=1e-5)
+        assert matrix.error[i, j].item() == pytest.approx(res.error_barrier, abs=1e-6)
 
 
 # --------------------------------------------------------------------------- spawning

@@ -279,3 +279,19 @@ def test_estimate_is_in_the_ballpark_of_cuda_peak_memory() -> None:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     assert 0.5 < peak / est.total(n) < 2.0, (peak, est.describe(n))
+
+
+class _DoublesItsInput(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mul_(2))
+
+
+def test_probe_leaves_the_callers_data_alone() -> None:
+    """A forward that modifies its input in place must not change the batch the probe was given."""
+    x, x_eval = torch.ones(5, 4), torch.ones(7, 4)
+    memory.probe_member(_DoublesItsInput(), x, torch.zeros(5, dtype=torch.long), torch.nn.functional.cross_entropy, x_eval=x_eval)
+    assert torch.equal(x, torch.ones(5, 4)) and torch.equal(x_eval, torch.ones(7, 4))

@@ -11,6 +11,7 @@ does it for chosen pairs of a population's members, a chunk of pairs at a time.
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,10 +19,11 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from popvec import checks
-from popvec.engine import LossFn, evaluate
+from popvec.engine import LossFn, accumulate_metrics, evaluate
 from popvec.loaders import iterate_batches
 from popvec.population import Population, finite_members
 from popvec.precision import check_precision, under_autocast
@@ -133,6 +135,46 @@ def _running_norms(module: nn.Module) -> dict[str, _BatchNorm]:
     return {name: m for name, m in module.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats}
 
 
+class _Members:
+    """The N members of stacks ``[N, ...]`` as plain ``(params, buffers)`` views, run one at a time
+    through ``model``; inputs in channels_last when the model accepts it (probed once)."""
+
+    def __init__(self, model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor]) -> None:
+        self.model = model
+        n = next(iter(params.values())).shape[0]
+        self.members = [({k: v[i] for k, v in params.items()}, {k: v[i] for k, v in buffers.items()}) for i in range(n)]
+        self.channels_last: bool | None = None
+
+    def layout(self, x: Tensor) -> Tensor:
+        """``x`` in the layout the members run in (decided on the first batch)."""
+        if self.channels_last is None:
+            self.channels_last = x.dim() == 4 and _accepts_channels_last(self.model, *self.members[0], x[:2])
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def one(self, i: int, x: Tensor) -> Tensor:
+        """Member ``i``'s outputs on its own copy of ``x`` (as in Population.forward: a forward that
+        modifies its input in place changes no other member's)."""
+        return functional_call(self.model, self.members[i], (self.layout(x).clone(),))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Outputs ``[N, B, ...]`` of every member on the shared batch ``x`` ``[B, ...]``."""
+        return torch.stack([self.one(i, x) for i in range(len(self.members))])
+
+
+def _accepts_channels_last(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> bool:
+    """Whether ``model`` (in eval mode) gives the same outputs on ``x`` in channels_last as in the default
+    layout (a ``.view`` of activations, say, fails on channels_last: then the default layout is kept)."""
+    probe = copy.deepcopy(model).eval()
+    state = ({k: v.clone() for k, v in params.items()}, {k: v.clone() for k, v in buffers.items()})
+    try:
+        expected = functional_call(probe, state, (x.clone(),))
+        got = functional_call(probe, state, (x.clone(memory_format=torch.channels_last),))
+    except Exception:  # noqa: BLE001 - any failure in channels_last: the default layout
+        return False
+    same = isinstance(got, Tensor) and got.shape == expected.shape
+    return same and bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-5, equal_nan=True))
+
+
 @torch.no_grad()
 def recompute_batchnorm(
     population: Population, data: Any, batch_size: int = 1024, member_chunk_size: int | None = None
@@ -143,29 +185,80 @@ def recompute_batchnorm(
     batch statistics (the network in eval mode except BatchNorm, so dropout is off) and
     ``num_batches_tracked`` the number of batches. That is exactly PyTorch's cumulative averaging
     (``reset_running_stats()`` then ``momentum=None``): independent of the batch order, unlike the
-    default momentum. All members run in one vmapped forward per batch (BatchNorm momentum 1 makes
-    each batch's statistics land in the buffers; they are summed outside).
+    default momentum. BatchNorm momentum 1 makes each batch's statistics land in the buffers; they
+    are summed outside. All members run in one vmapped forward per batch (``member_chunk_size`` at
+    a time), or, on a CPU without ``member_chunk_size``, one at a time when the first batch shows
+    that to be faster (see :func:`_members_one_at_a_time`).
     """
-    skeleton = copy.deepcopy(population.skeleton).eval()
-    norms = _running_norms(skeleton)
+    return _recompute(population, data, batch_size, member_chunk_size)[0]
+
+
+def _recompute(population: Population, data: Any, batch_size: int, member_chunk_size: int | None) -> tuple[dict[str, Tensor], bool]:
+    """:func:`recompute_batchnorm`'s buffers, and whether the members ran one at a time."""
+    model = copy.deepcopy(population.skeleton).eval()
+    norms = _running_norms(model)
     for m in norms.values():
         m.train()
         m.momentum = 1.0
-    buffers = dict(population.buffers)
-    for name in norms:
-        buffers[f"{name}.num_batches_tracked"] = torch.zeros_like(buffers[f"{name}.num_batches_tracked"])
+    buffers = {k: v.clone(memory_format=torch.contiguous_format) for k, v in population.buffers.items()}  # own storage per member
     stats = [f"{name}.{kind}" for name in norms for kind in ("running_mean", "running_var")]
-    probe = Population(skeleton, population.params, {**buffers, **{k: torch.zeros_like(buffers[k]) for k in stats}})
+    for key in [*stats, *(f"{name}.num_batches_tracked" for name in norms)]:
+        buffers[key].zero_()  # (momentum 1 keeps 0 x the old value: NaN would stay)
     totals = {k: torch.zeros_like(buffers[k]) for k in stats}
+    stack = Population(model, population.params, buffers)
+    members = _Members(model, population.params, buffers)
+    plain: bool | None = None if population.device.type == "cpu" and member_chunk_size is None else False
     count = 0
     for x, _ in iterate_batches(data, batch_size):
-        probe.forward(x.to(population.device), member_chunk_size=member_chunk_size)
+        x = x.to(population.device)
+        if plain is None:
+            plain = _members_one_at_a_time(stack, members, x)
+        elif plain:
+            members(x)
+        else:
+            stack.forward(x, member_chunk_size=member_chunk_size)
         for k, total in totals.items():
-            total += probe.buffers[k]
+            total += buffers[k]
         count += 1
     if count == 0:
         raise ValueError("bn_data must hold at least one batch")
-    return {**probe.buffers, **{k: v / count for k, v in totals.items()}}
+    return {**buffers, **{k: v / count for k, v in totals.items()}}, bool(plain)
+
+
+def _members_one_at_a_time(stack: Population, members: _Members, x: Tensor) -> bool:
+    """Runs the first batch ``x`` through all members in one vmapped pass (their statistics land in the
+    buffers) and says whether one member at a time would have been faster (timed on member 0).
+
+    On a CPU a vmapped pass over K networks turns every convolution into a grouped one over
+    ``[B, K*C, H, W]`` activations: a few big kernels, which won on 2 threads of a heavily loaded
+    machine (ResNet-20, batch 32, load average ~10: 6.6x the per-alpha loop, one at a time 1.7x)
+    and lost on a quieter one (load ~3: 0.42x, one at a time 0.62x), where those activations fall
+    out of the cache. Which one wins depends on the model, the batch and the machine's load, so it
+    is measured here, on the first batch, at the cost of two single-network forwards.
+    """
+    start = time.perf_counter()
+    stack.forward(x)
+    vmapped = time.perf_counter() - start
+    members.layout(x)  # (the channels_last probe, not timed)
+    saved = {k: v.clone() for k, v in members.members[0][1].items()}
+    single = float("inf")
+    for _ in range(2):  # the first call may set up kernels
+        start = time.perf_counter()
+        members.one(0, x)
+        single = min(single, time.perf_counter() - start)
+    for k, v in members.members[0][1].items():
+        v.copy_(saved[k])  # member 0's statistics of this batch, as the vmapped pass recorded them
+    return single * len(members.members) < vmapped
+
+
+def _evaluate_one_at_a_time(population: Population, data: Any, loss_fn: LossFn, batch_size: int) -> dict[str, Tensor]:
+    """:func:`popvec.engine.evaluate` with the members run one at a time as plain modules:
+    ``{"loss": [N], "accuracy": [N]}``."""
+    members = _Members(copy.deepcopy(population.skeleton).eval(), population.params, population.buffers)
+    metrics = accumulate_metrics(iterate_batches(data, batch_size), members, vmap(loss_fn, in_dims=(0, None)), population.device)
+    loss = metrics["loss"]
+    accuracy = torch.where(torch.isfinite(loss), metrics["accuracy"], torch.full_like(loss, float("nan")))
+    return {"loss": loss.float(), "accuracy": accuracy.float()}
 
 
 # --------------------------------------------------------------------------- evaluating paths
@@ -225,16 +318,24 @@ def evaluate_paths(
     """
     grid = alphas.to(a.device)
     path = Population(a.skeleton, interpolate_stacks(a.params, b.params, grid), interpolate_stacks(a.buffers, b.buffers, grid))
+    metrics, data, used, chunk = None, spec.data, False, spec.member_chunk_size
     if spec.recompute:
-        recompute = under_autocast(recompute_batchnorm, path.device.type, spec.precision)
-        path.buffers = recompute(path, spec.bn_data, spec.batch_size, spec.member_chunk_size)
-    metrics, data = None, spec.data
-    if shortcut and spec.precision == "fp32" and a.n == 1 and all(bool(finite_members({**e.params, **e.buffers}).all()) for e in (a, b)):
+        if spec.precision == "fp32":
+            path.buffers, plain = _recompute(path, spec.bn_data, spec.batch_size, spec.member_chunk_size)
+            if plain:  # the first batch timed one network at a time faster: so it evaluates too
+                metrics = _evaluate_one_at_a_time(path, data, spec.loss_fn, spec.batch_size)
+            elif chunk is None and path.device.type == "cpu":
+                chunk = path.n  # it timed the whole vmapped pass faster: so it evaluates too (not in cache-sized chunks)
+        else:  # under autocast: the vmapped recompute, every network at once
+            recompute = under_autocast(recompute_batchnorm, path.device.type, spec.precision)
+            path.buffers = recompute(path, spec.bn_data, spec.batch_size, spec.member_chunk_size)
+    fp32 = spec.precision == "fp32"
+    if metrics is None and shortcut and fp32 and a.n == 1 and all(bool(finite_members({**e.params, **e.buffers}).all()) for e in (a, b)):
         # (not with a non-finite end: the shortcut mixes both ends' activations, NaN at every alpha)
-        metrics, data = evaluate_shortcut(path, a, b, grid, spec.data, spec.loss_fn, spec.batch_size, spec.member_chunk_size)
-    used = metrics is not None
+        metrics, data = evaluate_shortcut(path, a, b, grid, spec.data, spec.loss_fn, spec.batch_size, chunk)
+        used = metrics is not None
     if metrics is None:
-        metrics = evaluate(path, data, spec.loss_fn, spec.batch_size, spec.member_chunk_size, spec.precision)
+        metrics = evaluate(path, data, spec.loss_fn, spec.batch_size, chunk, spec.precision)
     shape = (a.n, alphas.numel())
     loss, error = metrics["loss"].cpu().view(shape), (1.0 - metrics["accuracy"]).cpu().view(shape)
     bad = ~finite_members({**path.params, **path.buffers}).cpu().view(shape) | ~torch.isfinite(loss)

@@ -173,7 +173,7 @@ def _first_affine(skeleton: nn.Module, params: dict[str, Tensor], buffers: dict[
     One eval-mode forward of member 0 on ``x`` (a couple of samples) with hooks on every leaf
     module: the first leaf called must be exactly a Linear/Conv1d/2d/3d without hooks of its own,
     called once, its parameters used by no other module, and its input the model input itself or a
-    reshape/flatten view of it (same storage, same number of elements, contiguous).
+    reshape/flatten view of it (same storage, same number of elements, contiguous), which the forward leaves unmodified.
     """
     model = copy.deepcopy(skeleton).eval()
     leaves = {name: m for name, m in model.named_modules() if not list(m.children())}
@@ -183,6 +183,8 @@ def _first_affine(skeleton: nn.Module, params: dict[str, Tensor], buffers: dict[
         for name, m in leaves.items()
     ]
     member = {k: v[0] for k, v in params.items()}, {k: v[0] for k, v in buffers.items()}
+    x = x.clone()  # (the probe must not touch the caller's data)
+    version = x._version
     try:
         with torch.no_grad():
             functional_call(model, member, (x,))
@@ -191,8 +193,8 @@ def _first_affine(skeleton: nn.Module, params: dict[str, Tensor], buffers: dict[
     finally:
         for h in handles:
             h.remove()
-    if not calls:
-        return None
+    if not calls or x._version != version:
+        return None  # (a model that modifies its input in place: the general path gives each member its own copy)
     name, inp = calls[0]
     first = leaves[name]
     if type(first) not in _AFFINE_FIRST or sum(1 for n, _ in calls if n == name) != 1:
