@@ -333,7 +333,7 @@ def test_lmc_curve_under_bf16_is_close_to_fp32_and_skips_the_fp32_shortcut() -> 
     data = make_batches(1, batch=64)[0]
     curves = {p: lmc.interpolate(a, b, data, 5, bn_data=data, precision=p) for p in ("fp32", "bf16")}
     torch.testing.assert_close(curves["bf16"].loss, curves["fp32"].loss, rtol=0, atol=LOSS_ATOL["bf16"])
-    assert curves["fp32"].shortcut is True and curves["bf16"].shortcut is False
+    assert curves["bf16"].shortcut is False  # (fp32 may take the shortcut or, timed faster, one network at a time)
 
 
 @FP16
