@@ -8,6 +8,7 @@ import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -626,12 +627,11 @@ class _Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("kill_after", [1, 2, 3, 5])
-def test_instability_killed_and_resumed_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kill_after: int) -> None:
-    """Checkpoints: trunk at k1 = 0, 3, 6 (writes 1-3, plus the trunk's end), branches every 2 steps; kill after
-    the k-th write and resume: the branches (dropout masks too) end bit-identical."""
-    kwargs = dict(batch_size=16, seed=3, eval_data=DATA, alphas=3, checkpoint_every=2)
-    full = lmc.instability(tiny_mlp_dropout, sgd, TRAIN, [0, 3, 6], 5, run_dir=tmp_path / "full", **kwargs)
+def _killed_and_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kill_after: int, k1: list[int], **kwargs: Any
+) -> tuple[lmc.InstabilityResult, lmc.InstabilityResult]:
+    """An uninterrupted instability run, and the same run killed after its ``kill_after``-th checkpoint write then resumed."""
+    full = lmc.instability(tiny_mlp_dropout, sgd, TRAIN, k1, 5, run_dir=tmp_path / "full", **kwargs)
     original = popvec.PopulationTrainer.save_checkpoint
     writes = []
 
@@ -645,8 +645,16 @@ def test_instability_killed_and_resumed_equals_uninterrupted(tmp_path: Path, mon
     with monkeypatch.context() as m:
         m.setattr(popvec.PopulationTrainer, "save_checkpoint", save_then_die)
         with pytest.raises(_Killed):
-            lmc.instability(tiny_mlp_dropout, sgd, TRAIN, [0, 3, 6], 5, run_dir=run, **kwargs)
-    resumed = lmc.instability(tiny_mlp_dropout, sgd, TRAIN, [0, 3, 6], 5, run_dir=run, resume=True, **kwargs)
+            lmc.instability(tiny_mlp_dropout, sgd, TRAIN, k1, 5, run_dir=run, **kwargs)
+    return full, lmc.instability(tiny_mlp_dropout, sgd, TRAIN, k1, 5, run_dir=run, resume=True, **kwargs)
+
+
+@pytest.mark.parametrize("kill_after", [1, 2, 3, 5])
+def test_instability_killed_and_resumed_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kill_after: int) -> None:
+    """Checkpoints: trunk at k1 = 0, 3, 6 (writes 1-3, plus the trunk's end), branches every 2 steps; kill after
+    the k-th write and resume: the branches (dropout masks too) end bit-identical."""
+    kwargs = dict(batch_size=16, seed=3, eval_data=DATA, alphas=3, checkpoint_every=2)
+    full, resumed = _killed_and_resumed(tmp_path, monkeypatch, kill_after, [0, 3, 6], **kwargs)
     for kind in ("params", "buffers"):
         for name, stack in getattr(full.branches, kind).items():
             assert torch.equal(getattr(resumed.branches, kind)[name], stack), name
@@ -706,22 +714,7 @@ def test_instability_with_seeds_killed_and_resumed_equals_uninterrupted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kill_after: int
 ) -> None:
     kwargs = dict(batch_size=16, seed=3, num_seeds=2, eval_data=DATA, alphas=3, checkpoint_every=2)
-    full = lmc.instability(tiny_mlp_dropout, sgd, TRAIN, [0, 3], 5, run_dir=tmp_path / "full", **kwargs)
-    original = popvec.PopulationTrainer.save_checkpoint
-    writes = []
-
-    def save_then_die(self: popvec.PopulationTrainer, path: Path) -> None:
-        original(self, path)
-        writes.append(path)
-        if len(writes) == kill_after:
-            raise _Killed
-
-    run = tmp_path / "killed"
-    with monkeypatch.context() as m:
-        m.setattr(popvec.PopulationTrainer, "save_checkpoint", save_then_die)
-        with pytest.raises(_Killed):
-            lmc.instability(tiny_mlp_dropout, sgd, TRAIN, [0, 3], 5, run_dir=run, **kwargs)
-    resumed = lmc.instability(tiny_mlp_dropout, sgd, TRAIN, [0, 3], 5, run_dir=run, resume=True, **kwargs)
+    full, resumed = _killed_and_resumed(tmp_path, monkeypatch, kill_after, [0, 3], **kwargs)
     for name, stack in full.branches.params.items():
         assert torch.equal(resumed.branches.params[name], stack), name
     for c, values in full.per_seed.items():
