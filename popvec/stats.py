@@ -157,12 +157,13 @@ class Summary:
         return self.format()
 
 
-def summarize(values: Iterable[float], confidence: float = 0.95) -> Summary:
+def summarize(values: Iterable[float], confidence: float = 0.95, bounds: tuple[float, float] | None = None) -> Summary:
     """Summarize replicate values: mean, sample std, and the Student-t ``confidence`` interval of the mean.
 
     ``values`` is any iterable of numbers (floats, ints, 0-d tensors). Non-finite values are
     counted in ``n`` but not in ``n_finite`` and not in the statistics. The interval is
-    ``mean ± t_{(1 + confidence) / 2, n_finite - 1} * std / sqrt(n_finite)``.
+    ``mean ± t_{(1 + confidence) / 2, n_finite - 1} * std / sqrt(n_finite)``, clipped to ``bounds``
+    (the range the quantity can take, e.g. ``(0, 1)`` for an accuracy) when given.
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
@@ -177,4 +178,7 @@ def summarize(values: Iterable[float], confidence: float = 0.95) -> Summary:
         return Summary(n, 1, mean, nan, nan, nan, finite[0], finite[0], confidence)
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in finite) / (k - 1))
     half = t_quantile(0.5 * (1.0 + confidence), k - 1) * std / math.sqrt(k)
-    return Summary(n, k, mean, std, mean - half, mean + half, min(finite), max(finite), confidence)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Summary(n, k, mean, std, low, high, min(finite), max(finite), confidence)

@@ -99,3 +99,9 @@ def test_wider_confidence_gives_a_wider_interval() -> None:
     values = [0.1, 0.4, 0.2, 0.3]
     assert summarize(values, 0.99).half_width > summarize(values, 0.95).half_width > summarize(values, 0.8).half_width
     assert isinstance(summarize(values), Summary)
+
+
+def test_the_interval_stays_within_the_bounds_given() -> None:
+    """An accuracy's interval never leaves [0, 1]; without bounds it is the plain t-interval."""
+    free, bounded = summarize([0.80, 0.86]), summarize([0.80, 0.86], bounds=(0.0, 1.0))
+    assert free.ci_high > 1.0 and bounded.ci_high == 1.0 and bounded.ci_low == free.ci_low

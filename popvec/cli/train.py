@@ -124,7 +124,7 @@ def run(config: TrainConfig, console: Console, resume: bool = False) -> int:
             except AllDiverged as err:  # no winner for this seed: kept as a NaN replicate, counted and reported
                 console.print(escape(f"seed {seed}: {err} — no winner; counted as a non-finite run"), soft_wrap=True)
                 runs.append({"seed": seed, "diverged": str(err), "test_accuracy": math.nan, "cost": {"member_steps": 0}})
-        accuracy = summarize([r["test_accuracy"] for r in runs])
+        accuracy = summarize([r["test_accuracy"] for r in runs], bounds=(0.0, 1.0))
         summary = {
             "seeds": seeds,
             "test_accuracy": accuracy.to_dict(),

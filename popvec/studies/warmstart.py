@@ -170,7 +170,7 @@ class WarmStartResult:
         for a, arm in enumerate(self.arms):
             members = self.arm_members(a)
             test = [last.test_accuracy[i] for i in members]
-            final = summarize(test)
+            final = summarize(test, bounds=(0.0, 1.0))
             per_replicate_mean = [mean([p.test_accuracy[i] for p in self.phases]) for i in members]
             steps = [float(sum(p.steps[i] for p in self.phases)) for i in members]
             rows.append(
@@ -190,7 +190,7 @@ class WarmStartResult:
                     "reached_all": all(p.reached[i] for p in self.phases for i in members),
                     "stats": {
                         "final_test_accuracy": final.to_dict(),
-                        "mean_test_accuracy": summarize(per_replicate_mean).to_dict(),
+                        "mean_test_accuracy": summarize(per_replicate_mean, bounds=(0.0, 1.0)).to_dict(),
                         "total_steps": summarize(steps).to_dict(),
                     },
                 }
